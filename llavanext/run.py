@@ -1,0 +1,109 @@
+"""The run folder: resolved config, manifest, checkpoints and logs of one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from llavanext.errors import CheckpointError
+
+CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+PACKAGES = ("llavanext", "torch", "transformers", "lightning", "hydra-core", "omegaconf", "peft", "datasets")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """Hydra's run (or sweep job) folder; outside Hydra, `cfg.run_dir`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(cfg.run_dir)
+
+
+def git_revision() -> str | None:
+    """The checkout's revision (with `+dirty`) when the project runs from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_run_files(run_dir: Path, cfg: DictConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    manifest = {
+        "command_line": sys.argv,
+        "command": cfg.get("command"),
+        "git_revision": git_revision(),
+        "versions": versions(),
+        "seed": cfg.get("seed"),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    manifest_path = run_dir / MANIFEST
+    if manifest_path.exists():  # a resumed run keeps the history of its starts
+        previous = json.loads(manifest_path.read_text())
+        manifest["previous_starts"] = previous.pop("previous_starts", []) + [previous]
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG})")
+    return OmegaConf.load(path)
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    folder = Path(run_dir) / CHECKPOINTS
+    last = folder / "last.ckpt"
+    if last.is_file():
+        return last
+    steps = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint file, or a run folder's last checkpoint."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"run folder {path} has no checkpoint under {CHECKPOINTS}/")
+        return found
+    raise CheckpointError(f"{source} is neither a checkpoint file nor a run folder")
