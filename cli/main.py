@@ -23,7 +23,7 @@ class Command:
 
 COMMANDS = {
     "import": Command("bring a Hugging Face checkpoint into the local model store",
-                      "llavanext import source=hf://llava-hf/llava-v1.6-vicuna-7b-hf", None, 3),
+                      "llavanext import source=hf://llava-hf/llava-v1.6-vicuna-7b-hf", "llavanext.importer:run"),
     "pretrain": Command("stage 1: align the projector (vision tower and language model frozen)",
                         "llavanext pretrain model=tiny data=demo", "llavanext.train:run"),
     "finetune": Command("stage 2: train projector + language model, full or LoRA",
@@ -32,7 +32,7 @@ COMMANDS = {
                         "llavanext generate checkpoint=outputs/finetune/<run> image=cat.png prompt='What is it?'",
                         None, 5),
     "export": Command("write a training checkpoint as a Hugging Face folder (LoRA merged or as adapter)",
-                      "llavanext export checkpoint=outputs/finetune/<run> out=exported/", None, 3),
+                      "llavanext export checkpoint=outputs/finetune/<run> out=exported/", "llavanext.export:run"),
 }
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                           "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
@@ -48,7 +48,8 @@ def usage() -> str:
         lines.append(f"  {name:<{width}}  {cmd.summary}")
     lines += ["", "Examples:"]
     lines += [f"  {cmd.example}" for cmd in COMMANDS.values()]
-    lines += ["  llavanext finetune --cfg job model=7b peft=lora      print the composed config, run nothing",
+    lines += ["  llavanext import --list                              what the model store holds",
+              "  llavanext finetune --cfg job model=7b peft=lora      print the composed config, run nothing",
               "  llavanext finetune -m optim.lr=1e-4,3e-4             a sweep: one run per value", "",
               "`llavanext <command> --help` lists the command's config groups and keys."]
     return "\n".join(lines)
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         fail(f"unknown command '{name}'.{hint} Commands: {', '.join(COMMANDS)}")
     command = COMMANDS[name]
+    if name == "import" and rest == ["--list"]:
+        from llavanext.store import print_entries
+
+        print_entries()
+        return
     if command.task is None:
         fail(f"'{name}' is not built yet (issue #{command.issue}); nothing was done.")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")

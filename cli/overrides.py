@@ -10,7 +10,6 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_PACKAGE = "llavanext.conf"
 NOT_GROUPS = {"hydra"}
-_MISSING = object()
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -79,9 +78,10 @@ def check_overrides(config_name: str, overrides: list[str]) -> str | None:
     except HydraException as e:
         return str(e).splitlines()[0]
     for key in keys:
-        if OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING:
-            continue
         parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if leaf in keys_under(node):  # not select() or `in`: a ??? key exists but they miss it
+            continue
         while parent and not isinstance(OmegaConf.select(cfg, parent, default=None), DictConfig):
             parent, _, leaf = parent.rpartition(".")  # the deepest part of the key that exists
         siblings = keys_under(OmegaConf.select(cfg, parent) if parent else cfg)

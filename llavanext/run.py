@@ -90,16 +90,21 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
 def last_checkpoint(run_dir: str | Path) -> Path | None:
     folder = Path(run_dir) / CHECKPOINTS
     last = folder / "last.ckpt"
-    if last.is_file():
+    if last.is_file() or is_sharded(last):
         return last
-    steps = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    steps = sorted((p for p in folder.glob("*.ckpt") if p.is_file() or is_sharded(p)), key=lambda p: p.stat().st_mtime)
     return steps[-1] if steps else None
 
 
+def is_sharded(path: Path) -> bool:
+    """A torch.distributed.checkpoint folder, as Lightning's FSDPStrategy writes for a sharded state dict."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A checkpoint file, or a run folder's last checkpoint."""
+    """A checkpoint file or sharded checkpoint folder, or a run folder's last checkpoint."""
     path = Path(source)
-    if path.is_file():
+    if path.is_file() or is_sharded(path):
         return path
     if path.is_dir():
         found = last_checkpoint(path)
@@ -107,3 +112,26 @@ def resolve_checkpoint(source: str | Path) -> Path:
             raise CheckpointError(f"run folder {path} has no checkpoint under {CHECKPOINTS}/")
         return found
     raise CheckpointError(f"{source} is neither a checkpoint file nor a run folder")
+
+
+def read_weights(path: Path, like: dict) -> dict:
+    """A checkpoint's model weights, names without Lightning's `model.` prefix.
+
+    A .ckpt file is read whole. A sharded folder is consolidated straight into the tensors of
+    `like` (the model's own state dict, same names), so neither the optimizer states nor a second
+    copy of the weights is ever in memory; its tensors that `like` lacks or shapes differently
+    come back as meta tensors of the saved shape, for the caller's checks.
+    """
+    import torch
+
+    if not is_sharded(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        return {k.removeprefix("model."): v for k, v in state.items()}
+    import torch.distributed.checkpoint as dcp
+
+    saved = {fqn.removeprefix("model.model."): tuple(md.size)  # Lightning saves {"model": module.state_dict()}
+             for fqn, md in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+             if fqn.startswith("model.model.") and hasattr(md, "size")}
+    loadable = {k: v for k, v in like.items() if k in saved and tuple(v.shape) == saved[k]}
+    dcp.load({"model": {f"model.{k}": v for k, v in loadable.items()}}, checkpoint_id=path, no_dist=True)
+    return {k: loadable[k] if k in loadable else torch.empty(shape, device="meta") for k, shape in saved.items()}
