@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from llavanext import hf, store
 from llavanext import model as modeling
+from llavanext.data.encoder import has_class_token
 from llavanext.data.templates import IMAGE
 from llavanext.errors import CheckpointError, ConfigError
 
@@ -72,7 +73,7 @@ def load_tokenizer(model_cfg: DictConfig):
             return None
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if IMAGE not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_additional_special_tokens=False)
+        tokenizer.add_tokens([IMAGE], special_tokens=True)
     return tokenizer
 
 
@@ -88,6 +89,10 @@ def assemble(cfg: DictConfig, *, tokenizer_needed: bool = True, train: bool = Tr
              pretrained: bool = True) -> Assembled:
     """Tokenizer + model of `cfg`; with `pretrained`, weights from the `model.*from_pretrained` checkpoints."""
     model_cfg = cfg.model
+    if model_cfg.vision_feature_select_strategy == "full" and has_class_token(model_cfg):
+        raise ConfigError("model.vision_feature_select_strategy=full keeps CLIP's class token, which transformers' "
+                          "LLaVA-NeXT cannot lay out in its tile grid: use default (full is for towers without one, "
+                          "such as SigLIP)")
     tokenizer = load_tokenizer(model_cfg)
     if tokenizer is None and tokenizer_needed:
         raise ConfigError(f"data={cfg.data.name} needs a tokenizer: set model.tokenizer (e.g. model.tokenizer=demo)")
@@ -130,12 +135,15 @@ def check_pretrained_shapes(model_cfg: DictConfig, config) -> None:
         folder = pretrained_folder(model_cfg, key)
         expect_kind(folder, key, value, (kind,))
         theirs = hf.load_config(folder, kind)
-        grown = copy.deepcopy(theirs)
+        grown = theirs
         if kind == "causal_lm" and theirs.vocab_size < ours.vocab_size:
+            grown = copy.deepcopy(theirs)
             grown.vocab_size = ours.vocab_size  # a smaller vocabulary grows to the group's (room for <image>)
         wrong = hf.first_mismatch(kind, grown, ours)
         if wrong:
             name, their_shape, our_shape = wrong
+            if grown is not theirs:
+                their_shape = hf.shapes(kind, theirs)[name]  # as saved, before the vocabulary grows
             raise CheckpointError(f"model.{key}={value}: tensor {name} has shape {their_shape} in the checkpoint "
                                   f"but model={model_cfg.name} expects {our_shape}; {hf.fit_hint(theirs, kind)}")
 

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from llavanext import model as modeling
 from llavanext.assemble import from_run
-from llavanext.data.encoder import make_image_processor
+from llavanext.data.encoder import has_class_token, make_image_processor
 from llavanext.data.templates import IMAGE, VICUNA_SYSTEM, get_template
 from llavanext.errors import ConfigError
 
@@ -80,7 +80,7 @@ def make_processor(run_cfg: DictConfig, tokenizer):
     return LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=model_cfg.vision.patch_size,
         vision_feature_select_strategy=model_cfg.vision_feature_select_strategy, chat_template=template,
-        image_token=IMAGE, num_additional_image_tokens=1)  # CLIP's class token
+        image_token=IMAGE, num_additional_image_tokens=1 if has_class_token(model_cfg) else 0)
 
 
 def write_model_folder(model, folder: Path, run_cfg: DictConfig, tokenizer, max_shard_size: str) -> None:

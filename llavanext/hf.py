@@ -113,8 +113,11 @@ def differences(config, kind: str, group) -> list[str]:
             want, have = field(theirs, name), field(mine, name)
             if name == "vocab_size" and kind == "causal_lm" and want <= have:
                 continue  # a language model's embeddings grow to the group's vocabulary (room for <image>)
+            if name == "head_dim" and want == theirs.hidden_size // theirs.num_attention_heads:
+                continue  # follows hidden_size and num_attention_heads
             if want != have:
-                out.append(f"model.{key}.{name}={want}")
+                plus = "" if name in group[key] else "+"
+                out.append(f"{plus}model.{key}.{name}={want}")
     return out
 
 

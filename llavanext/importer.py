@@ -137,5 +137,5 @@ def run(cfg: DictConfig) -> Path:
         console.print(f"done: {target}\n  fits model={', '.join(fitting)}; use it with:\n  "
                       + USE[kind].format(group=fitting[0], name=name))
     else:
-        console.print(f"done: {target}\n  no shipped model group fits it: {hf.fit_hint(model.config, kind)}")
+        console.print(f"done: {target}\n  {hf.fit_hint(model.config, kind)}")
     return target

@@ -13,6 +13,9 @@ from PIL import Image
 
 TINY_VISION = dict(model_type="clip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                    num_attention_heads=4, image_size=56, patch_size=14, projection_dim=48, hidden_act="quick_gelu")
+# "full" keeps every vision token: transformers lays that out only for towers without a class token
+SIGLIP_VISION = dict(TINY_VISION, model_type="siglip_vision_model")
+SIGLIP_OVERRIDES = ["model.vision.model_type=siglip_vision_model"]
 VICUNA_TEXT = dict(model_type="llama", vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
                    rope_theta=10000.0, pad_token_id=3)

@@ -34,6 +34,11 @@ def select_best_resolution(original_size, possible_resolutions):
     return best_fit
 
 
+def has_class_token(model_cfg: DictConfig) -> bool:
+    """CLIP's towers put a class token before the patches; SigLIP's do not."""
+    return str(model_cfg.vision.model_type).startswith("clip")
+
+
 def image_token_count(height: int, width: int, model_cfg: DictConfig) -> int:
     """How many features LLaVA-NeXT produces for an image of this size (base + unpadded tiles + newlines)."""
     tile = model_cfg.vision.image_size
@@ -46,7 +51,8 @@ def image_token_count(height: int, width: int, model_cfg: DictConfig) -> int:
     else:
         new_width = int(round(width * (current_h / height), 7))
         current_w -= 2 * ((current_w - new_width) // 2)
-    base = patches * patches + (1 if model_cfg.vision_feature_select_strategy == "full" else 0)
+    class_token = model_cfg.vision_feature_select_strategy == "full" and has_class_token(model_cfg)
+    base = patches * patches + (1 if class_token else 0)
     return current_h * current_w + current_h + base
 
 
