@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,14 @@ from llavanext.run import CHECKPOINTS, last_checkpoint, output_dir, write_run_fi
 
 log = logging.getLogger(__name__)
 console = Console(stderr=False)
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter hides the lines users need; its warnings stay."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 class LossPrinter(L.Callback):
@@ -87,6 +96,7 @@ def gradient_accumulation(cfg: DictConfig, world_size: int) -> int:
 
 
 def run(cfg: DictConfig) -> Path:
+    quiet_lightning()
     run_dir = output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_files(run_dir, cfg)
