@@ -37,10 +37,14 @@ class LossPrinter(L.Callback):
     def __init__(self, every: int):
         self.every = every
         self.started = time.perf_counter()
+        self.printed = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        if step == self.printed:  # gradient accumulation: several batches end on one step
+            return
         if self.every and (step % self.every == 0 or step == trainer.max_steps):
+            self.printed = step
             metrics = trainer.callback_metrics
             parts = [f"step {step:>5}/{trainer.max_steps}", f"loss {float(metrics['train/loss']):.4f}"]
             if "train/lr" in metrics:
