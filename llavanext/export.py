@@ -15,7 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from llavanext import model as modeling
@@ -116,6 +116,10 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def run(cfg: DictConfig) -> Path:
+    missing = [k for k in ("checkpoint", "out") if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ConfigError(f"give {' and '.join(f'{k}=...' for k in missing)}: checkpoint= a run folder, .ckpt file "
+                          "or sharded checkpoint folder; out= the folder to write")
     out = Path(cfg.out)
     check_out(out, cfg.force)
     run_cfg, built = from_run(cfg.checkpoint)

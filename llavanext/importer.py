@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from llavanext import hf, store
-from llavanext.errors import CheckpointError
+from llavanext.errors import CheckpointError, ConfigError
 
 console = Console()
 # Files of a model folder worth keeping besides the weights: configs, tokenizer, processor, card.
@@ -98,8 +98,14 @@ def check_source(folder: Path, allow_pickle: bool) -> None:
 
 
 def run(cfg: DictConfig) -> Path:
+    if OmegaConf.is_missing(cfg, "source"):
+        raise ConfigError("give source=hf://org/name[@revision] or source=/path/to/a/hf/folder "
+                          "(`llavanext import --list` shows what is imported)")
     source = str(cfg.source)
-    folder = store.resolve(source)
+    if source.startswith(store.HF_PREFIX):  # pickles are fetched only when they may be converted
+        folder = store.hf_snapshot(source, store.DOWNLOAD + (["pytorch_model*.bin"] if cfg.allow_pickle else []))
+    else:
+        folder = store.resolve(source)
     config = hf.read_config(folder)
     kind = hf.detect_kind(config, folder) if cfg.kind == "auto" else hf.check_kind(cfg.kind)
     name = store.check_name(cfg.name or default_name(source, folder))

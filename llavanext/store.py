@@ -20,6 +20,8 @@ from llavanext.errors import CheckpointError
 META = "llavanext.yaml"
 NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 HF_PREFIX = "hf://"
+# What a download fetches: configs, safetensors, tokenizer and processor files (no pickles, no code)
+DOWNLOAD = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md", "LICENSE*"]
 
 
 def home() -> Path:
@@ -48,7 +50,7 @@ def split_hf(source: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def hf_snapshot(source: str, allow_patterns: list[str] | None = None) -> Path:
+def hf_snapshot(source: str, allow_patterns: list[str] = DOWNLOAD) -> Path:
     """The folder of `hf://org/name[@rev]` in the local Hugging Face cache; downloaded only where a network is."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

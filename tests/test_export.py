@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 from hf_fixtures import images, save_clip, save_llava, save_lm
-from llavanext.cli.overrides import compose
 from safetensors.torch import load_file
 
+from conftest import cli
 from llavanext import export, importer, train
 from llavanext.assemble import from_run
+from llavanext.cli.overrides import compose
 from llavanext.data.encoder import image_token_count
 from llavanext.data.templates import TEMPLATES
 from llavanext.errors import ConfigError
@@ -106,7 +107,9 @@ def test_exported_processor_and_config_agree_with_the_run(tmp_path):
     do_import(save_llava(tmp_path / "src"), "test/llava")
     run_dir = train_run(tmp_path, "finetune", "model.from_pretrained=test/llava", "trainer.max_steps=1",
                         "trainer.checkpoint_every=1")
-    out = do_export(run_dir, tmp_path / "out")
+    out = tmp_path / "out"
+    done = cli("export", f"checkpoint={run_dir}", f"out={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
     model_cfg = compose("finetune", TRAIN).model
     config = AutoConfig.from_pretrained(out, local_files_only=True)
     processor, inputs = processed(out)
@@ -123,6 +126,19 @@ def test_exported_processor_and_config_agree_with_the_run(tmp_path):
     assert torch.allclose(inputs["pixel_values"][0, : ours.shape[0]], ours, atol=1e-6)
     with pytest.raises(ConfigError, match="already holds files"):
         do_export(run_dir, out)
+    with pytest.raises(ConfigError, match="give checkpoint=..."):
+        export.run(compose("export", [f"out={out}"]))
+
+    from transformers import AutoModelForImageTextToText
+
+    shards = do_export(run_dir, tmp_path / "shards", "max_shard_size=300KB")
+    weights = json.loads((shards / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weights.values())) > 2 and not (shards / "model.safetensors").exists()
+    whole = load_file(out / "model.safetensors")
+    resharded = AutoModelForImageTextToText.from_pretrained(shards, local_files_only=True)
+    single = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(resharded.state_dict().values(), single.state_dict().values()))
+    assert len(whole) == len(weights)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from hf_fixtures import fake_hf_cache, llava_config, save_clip, save_llava, save_lm, tree
-from llavanext.cli.overrides import compose
 from safetensors.torch import load_file, save_file
 
 from llavanext import importer, store
+from llavanext.cli.overrides import compose
 from llavanext.errors import CheckpointError
 
 

@@ -24,10 +24,10 @@ from hf_fixtures import (
     save_llava,
     save_lm,
 )
-from llavanext.cli.overrides import compose
 
 from llavanext import importer
 from llavanext.assemble import assemble
+from llavanext.cli.overrides import compose
 from llavanext.errors import CheckpointError, ConfigError
 from llavanext.module import LlavaNextModule
 
