@@ -31,9 +31,6 @@ class Assembled:
     vocab_size: int
 
 
-PRETRAINED_KEYS = ("from_pretrained", "language_model_from_pretrained", "vision_model_from_pretrained")
-
-
 def pretrained_folder(model_cfg: DictConfig, key: str) -> Path | None:
     """The folder named by `model.<key>` (a store name, hf://org/name or a folder), or None."""
     value = model_cfg.get(key)
@@ -71,7 +68,10 @@ def load_tokenizer(model_cfg: DictConfig):
         folder = next((f for f in folders if f is not None and has_tokenizer(f)), None)
         if folder is None:
             return None
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no tokenizer loads from {folder}: {str(e).splitlines()[0]}") from None
     if IMAGE not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE], special_tokens=True)
     return tokenizer
@@ -148,13 +148,12 @@ def check_pretrained_shapes(model_cfg: DictConfig, config) -> None:
                                   f"but model={model_cfg.name} expects {our_shape}; {hf.fit_hint(theirs, kind)}")
 
 
-def expect_kind(folder: Path, key: str, value: str, kinds: tuple[str, ...]) -> str:
+def expect_kind(folder: Path, key: str, value: str, kinds: tuple[str, ...]) -> None:
     kind = hf.detect_kind(hf.read_config(folder), folder)
     if kind not in kinds:
         right = {"llava_next": "model.from_pretrained", "causal_lm": "model.language_model_from_pretrained",
                  "clip_vision": "model.vision_model_from_pretrained"}[kind]
         raise ConfigError(f"model.{key}={value} is a {kind} checkpoint: give it as {right}")
-    return kind
 
 
 def warn_differences(key: str, theirs, ours) -> None:

@@ -124,7 +124,9 @@ def run(cfg: DictConfig) -> Path:
     check_out(out, cfg.force)
     run_cfg, built = from_run(cfg.checkpoint)
     model, tokenizer = built.model, built.tokenizer
-    lora = hasattr(model, "peft_config")
+    from peft import PeftModel
+
+    lora = isinstance(model, PeftModel)
     if cfg.dtype:
         model.to(modeling.torch_dtype(cfg.dtype))
     out.parent.mkdir(parents=True, exist_ok=True)

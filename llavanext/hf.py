@@ -22,7 +22,7 @@ TEXT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
 VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                  "patch_size")
 # The parts of a LLaVA-NeXT each kind provides, as (config attribute, model.* key of the group yaml, fields).
-PARTS = {
+PART_FIELDS = {
     "llava_next": (("text_config", "text", TEXT_FIELDS), ("vision_config", "vision", VISION_FIELDS)),
     "causal_lm": ((None, "text", TEXT_FIELDS),),
     "clip_vision": (("vision_config", "vision", VISION_FIELDS),),
@@ -106,7 +106,7 @@ def differences(config, kind: str, group) -> list[str]:
 
     ours = hf_config(group)
     out = []
-    for attr, key, fields in PARTS[kind]:
+    for attr, key, fields in PART_FIELDS[kind]:
         theirs = getattr(config, attr) if attr and hasattr(config, attr) else config
         mine = getattr(ours, f"{key}_config")
         for name in fields:
