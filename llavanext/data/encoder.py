@@ -83,18 +83,19 @@ class ImageProcessor:
     Same steps as `LlavaNextImageProcessorPil`: resize (bicubic, aspect kept) into the best
     pinpoint, pad centred with black, cut into tiles, prepend the whole image squashed to one
     tile, rescale by 1/255 and normalise with CLIP's mean/std. The resizes are the same PIL
-    calls; the float steps are a per-channel lookup table computed with transformers' own
-    arithmetic (float64 rescale, float32 normalise), so the output is identical, not close.
+    calls; the float steps give the same float32 values (x/255 in float32 equals transformers'
+    float64 rescale rounded to float32 for all 256 byte values, checked below; the normalise is
+    the same float32 subtract and divide), so the output is identical, not close.
     What it skips: numpy<->PIL round trips, a no-op resize and crop of every tile, float64 passes.
     """
 
     def __init__(self, model_cfg: DictConfig):
         self.tile = model_cfg.vision.image_size
         self.pinpoints = [tuple(p) for p in model_cfg.image_grid_pinpoints]
-        values = np.arange(256).astype(np.float64) * (1 / 255)
-        values = values.astype(np.float32)
-        mean, std = np.array(CLIP_MEAN, dtype=np.float32), np.array(CLIP_STD, dtype=np.float32)
-        self.lut = torch.from_numpy((values[None, :] - mean[:, None]) / std[:, None])  # (3, 256)
+        self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        reference = (np.arange(256).astype(np.float64) * (1 / 255)).astype(np.float32)  # transformers' rescale
+        assert np.array_equal(reference, (torch.arange(256, dtype=torch.float32) / 255).numpy())
 
     def __call__(self, image) -> torch.Tensor:
         """(tiles, 3, tile, tile) float32 for one PIL image."""
@@ -116,9 +117,7 @@ class ImageProcessor:
         rows, cols = best_h // tile, best_w // tile
         tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, tile, tile)
         pixels = np.concatenate([base.transpose(2, 0, 1)[None], tiles])  # uint8 (tiles, 3, tile, tile)
-        index = torch.from_numpy(pixels).long()
-        index += torch.arange(3).mul_(256).view(1, 3, 1, 1)
-        return self.lut.view(-1)[index]
+        return torch.from_numpy(pixels).float().div_(255).sub_(self.mean).div_(self.std)
 
 
 @dataclass
