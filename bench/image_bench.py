@@ -53,8 +53,8 @@ def main() -> None:
         want = theirs([image], return_tensors="pt")["pixel_values"][0]
         got = ours(image)
         diff = float((got - want).abs().max())
-        t = best_ms(lambda: theirs([image], return_tensors="pt"), args.repeat)
-        o = best_ms(lambda: ours(image), args.repeat)
+        t = best_ms(lambda im=image: theirs([im], return_tensors="pt"), args.repeat)
+        o = best_ms(lambda im=image: ours(im), args.repeat)
         total_theirs, total_ours = total_theirs + t, total_ours + o
         table.add_row(f"{h} x {w}", str(got.shape[0]), f"{t:.1f}", f"{o:.1f}", f"{t / o:.2f}x", f"{diff:g}")
     table.add_row("all", "", f"{total_theirs:.1f}", f"{total_ours:.1f}", f"{total_theirs / total_ours:.2f}x", "",

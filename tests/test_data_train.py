@@ -2,7 +2,6 @@
 
 import pytest
 from datakit import toy_records, write_llava
-
 from llavanext.cli.overrides import compose
 
 
