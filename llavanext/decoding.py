@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 from llavanext.errors import ConfigError
 
 MODES = ("eager", "graph", "compile")
-BUCKET = 256  # cache lengths round up to this in graph/compile modes, so shapes (and graphs) repeat
+BUCKET = 256  # cache lengths round up to this, so shapes (and graphs) repeat and masks stay aligned
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,9 @@ class Decoder:
         return self.lm_head(out.last_hidden_state[:, -1])
 
     def slot(self, batch: int, length: int) -> Slot:
+        length = -(-length // BUCKET) * BUCKET
         if self.mode == "eager":  # nothing to reuse: no graph holds on to the cache's addresses
             return Slot(self.model, batch, length, self.device)
-        length = -(-length // BUCKET) * BUCKET
         key = (batch, length)
         if key not in self.slots:
             self.slots[key] = slot = Slot(self.model, batch, length, self.device)

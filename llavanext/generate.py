@@ -87,7 +87,7 @@ def with_markers(prompt: str, images: int) -> str:
     if markers == 0:
         return f"{IMAGE}\n" * images + prompt
     if markers != images:
-        raise DataError(f"the prompt has {markers} {IMAGE} marker(s) but {images} image(s) were given")
+        raise DataError(f"{markers} {IMAGE} marker(s) in the prompt but {images} image(s) given")
     return prompt
 
 
@@ -237,7 +237,7 @@ class Generator:
             images = [load_image(source, request.name) for source in request.images]
             encoded = self.prompts.encode(request.prompt, images)
         except DataError as e:
-            raise DataError(str(e) if str(e).startswith(request.name) else f"{request.name}: {e}") from None
+            raise DataError(str(e) if str(e).startswith(f"{request.name}:") else f"{request.name}: {e}") from None
         length = len(encoded.input_ids)
         if length >= self.context:
             image_tokens = int((encoded.input_ids == self.model.config.image_token_index).sum())
