@@ -262,19 +262,42 @@ def test_jsonl_batch_reports_bad_records_and_resumes(tmp_path, files, generator)
     assert by_id["g"]["answer"] == [r for r in again if r["id"] == "g"][0]["answer"]
 
 
-def test_cli_answers_from_a_run_folder(files, generator):
+def test_cli_answers_from_a_run_folder(files, generator, capsys):
     """`llavanext generate checkpoint=<run> image=... prompt=...` prints what the library answers."""
     root, run_dir, _ = files
-    prompt = "What's this, a shape?"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    base = [sys.executable, "-m", "llavanext", "generate", f"checkpoint={run_dir}", "max_new_tokens=9",
-            f"hydra.run.dir={root / 'cli'}"]
-    done = subprocess.run([*base, f"image={root / 'red.png'}", f"prompt={prompt}"], capture_output=True, text=True,
-                          env=env, timeout=300)
+    prompt = "What's this, a shape?"  # a quote and a comma: free text needs no Hydra quoting
+    base = ["generate", f"checkpoint={run_dir}", "max_new_tokens=9", f"hydra.run.dir={root / 'cli'}"]
+    done = subprocess.run([sys.executable, "-m", "llavanext", *base, f"image={root / 'red.png'}", f"prompt={prompt}"],
+                          capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=300)
     assert done.returncode == 0, done.stderr
     expected = generator.answer([generator.prepare(Request(prompt, [root / "red.png"], Sampling(max_new_tokens=9)))])
     assert done.stdout.strip() == expected[0].text
-    bad = subprocess.run([*base, f"image={root / 'missing.png'}", "prompt=Hi"], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == [f"llavanext: the prompt: image {root / 'missing.png'} does not exist"]
+
+    from llavanext.cli.main import main
+
+    with pytest.raises(SystemExit) as bad:
+        main([*base, f"image={root / 'missing.png'}", "prompt=Hi"])
+    assert bad.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"llavanext: the prompt: image {root / 'missing.png'} does not exist"]
+
+
+def test_demo_scores_through_generate(tmp_path, monkeypatch):
+    """The demo's evaluation answers exactly what `llavanext generate input=...` answers."""
+    from llavanext.demo.evaluate import answer_all
+    from llavanext.demo.shapes import ensure_dataset
+
+    monkeypatch.setenv("LLAVANEXT_HOME", str(tmp_path / "home"))
+    run_dir, _ = make_run(tmp_path / "run", ["data.num_train=4", "data.num_val=6"])
+    results = answer_all(run_dir, batch_size=4)
+    root = ensure_dataset(4, 6, 0)
+    val = json.loads((root / "val.json").read_text())
+    source = tmp_path / "val.jsonl"
+    source.write_text("".join(json.dumps({"id": r["id"], "prompt": r["conversations"][0]["value"],
+                                          "image": r["image"], "max_new_tokens": 6}) + "\n" for r in val))
+    target = tmp_path / "answers.jsonl"
+    run(compose("generate", [f"checkpoint={run_dir}", f"input={source}", f"output={target}",
+                             f"image_root={root}", "device=cpu"]))
+    answers = {r["id"]: r["answer"] for r in map(json.loads, target.read_text().splitlines())}
+    assert [r["answer"] for r in results] == [answers[r["id"]] for r in val]
+    assert [r["truth"] for r in results] == [r["conversations"][1]["value"] for r in val]
