@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,6 +310,8 @@ def load(checkpoint: str, *, device: str = "auto", dtype: str = "auto", decode: 
          system: str | None = None) -> Generator:
     """A Generator from a store name, a HF folder, a run folder or a .ckpt file."""
     path = locate(checkpoint)
+    if path.is_file() and path.suffix != ".ckpt":
+        raise CheckpointError(f"checkpoint={checkpoint} is a file but not a .ckpt")
     device_ = pick_device(device)
     dtype_ = pick_dtype(dtype, device_)
     if path.is_file() or (path / "config.yaml").is_file():
@@ -332,7 +336,7 @@ def sampling_of(cfg: DictConfig) -> Sampling:
 
 def stops(value, where: str) -> tuple[str, ...]:
     value = [value] if isinstance(value, str) else value
-    if not isinstance(value, list | tuple) or not all(isinstance(s, str) and s for s in value):
+    if not isinstance(value, Sequence) or not all(isinstance(s, str) and s for s in value):
         raise DataError(f"{where}: stop must be a string or a list of non-empty strings")
     return tuple(value)
 
@@ -343,9 +347,8 @@ def single_request(cfg: DictConfig, sampling: Sampling) -> Request:
     if cfg.image is not None and cfg.images:
         raise ConfigError("give image=... for one image or images=[...] for several, not both")
     paths = [cfg.image] if cfg.image is not None else list(cfg.images or [])
-    request = Request(str(cfg.prompt), paths, sampling, stops(list(cfg.stop), "stop"))
-    request.images = [load_image(p, "the prompt") for p in paths]  # before the model loads: fail fast
-    return request
+    images = [load_image(p, "the prompt") for p in paths]  # before the model loads: fail fast
+    return Request(str(cfg.prompt), images, sampling, stops(cfg.stop, "stop"))
 
 
 def read_requests(path: Path, defaults: Sampling, stop: tuple[str, ...], image_root: Path):
@@ -434,7 +437,7 @@ def run_batch(cfg: DictConfig, sampling: Sampling, console) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size!r} must be a whole number >= 1")
     source, target = Path(cfg.input), Path(cfg.output)
     image_root = Path(cfg.image_root) if cfg.image_root else source.parent
-    requests, errors = read_requests(source, sampling, stops(list(cfg.stop), "stop"), image_root)
+    requests, errors = read_requests(source, sampling, stops(cfg.stop, "stop"), image_root)
     done = answered_ids(target)
     todo = [r for r in requests if str(r.id) not in done]
     console.print(f"{len(requests) + len(errors)} records in {source}: {len(requests) - len(todo)} already "
@@ -468,8 +471,6 @@ def run_batch(cfg: DictConfig, sampling: Sampling, console) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    import sys
-
     from rich.console import Console
 
     status = Console(stderr=True)
