@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ COMMANDS = {
                         "llavanext finetune model=tiny data=demo peft=lora peft.r=8", "llavanext.train:run"),
     "generate": Command("answer prompts about images from a run, a store model or a HF folder",
                         "llavanext generate checkpoint=outputs/finetune/<run> image=cat.png prompt='What is it?'",
-                        None, 5),
+                        "llavanext.generate:run"),
     "data": Command("check a dataset before training (`data check`), or write it for energon (`data prepare`)",
                     "llavanext data check data=llava_json data.path=llava.json model=7b", "data"),
     "export": Command("write a training checkpoint as a Hugging Face folder (LoRA merged or as adapter)",
@@ -45,6 +46,8 @@ DATA_COMMANDS = {
 }
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                           "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+# Keys that hold free text: quoted for Hydra, so a prompt may hold commas, quotes, brackets and `${`.
+FREE_TEXT = {"generate": ("prompt", "system")}
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 
 
@@ -82,7 +85,21 @@ def overrides_of(args: list[str]) -> list[str]:
     return out
 
 
+def quote_free_text(name: str, args: list[str]) -> list[str]:
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+        if eq and key in FREE_TEXT.get(name, ()) and not quoted:
+            value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # Hydra escapes \ only before '
+            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value).replace("${", "\\${")
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def run_task(name: str, command: Command, args: list[str]) -> None:
+    args = quote_free_text(name, args)
     if not any(a in HYDRA_INFO_FLAGS for a in args):
         from llavanext.cli.overrides import check_overrides
 
