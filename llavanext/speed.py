@@ -173,13 +173,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     bounds = []
     if attention_mask is None and query.shape[2] == key.shape[2] > 1:  # not for cached decoding
         bounds = segment_bounds(position_ids, cu_seq_lens_q, query.shape[2])
-    if len(bounds) <= 2:
+    if not bounds:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
                                    dropout=dropout, scaling=scaling, **kwargs)[0]
             for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, dim=1), None
+    return torch.cat(outs, dim=1), None  # one layout for any number of samples: no recompiles
 
 
 def _packed_mask(*args, attention_mask=None, **kwargs):
