@@ -217,6 +217,7 @@ def run_row(model, levers, snapshot, on, case, args, device, flops, steps, micro
         "wait_ms": 1e3 * statistics.mean(r["wait"] for r in timed),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "losses": [r["loss"] for r in rows],
+        "per_step": [[r["time"] + r["wait"], sum(r["lengths"])] for r in rows],  # for same-window ratios
     }
     return result
 
@@ -238,7 +239,13 @@ def table(results) -> str:
         if "error" in r:
             lines.append(f"{r['case']:<6} {r['row']:<38} {r['error']}")
             continue
-        ratio = r["tokens_per_s"] / base[r["case"]]["tokens_per_s"] if r["case"] in base else None
+        ratio = None
+        if r["case"] in base:  # over the same steps (same batches) as this row timed
+            window = slice(r["steps"] - r["timed"], r["steps"])
+            mine, theirs = r["per_step"][window], base[r["case"]]["per_step"][window]
+            if len(theirs) == len(mine):
+                ratio = (sum(n for _, n in mine) / sum(t for t, _ in mine)) / \
+                    (sum(n for _, n in theirs) / sum(t for t, _ in theirs))
         lines.append(f"{r['case']:<6} {r['row']:<38} {r['tokens_per_s']:>9,.0f} {r['samples_per_s']:>7.2f} "
                      f"{r['step_ms_median']:>8.1f} {fmt(r['mfu'], '.1%'):>6} {fmt(r['peak_gib'], '.1f'):>8} "
                      f"{r['padding']:>5.1%} {r['wait_ms']:>7.2f} {fmt(ratio, '.2f'):>5}x")
@@ -392,7 +399,7 @@ def main(argv=None):
     results.sort(key=lambda r: (list(cases).index(r["case"]), order[r["row"]]))
     report = [quality(results, case) for case in cases]
     report += ["", f"device: {name}  model: {args.model}  compile: {compile}  (tok/s: real tokens, no padding; "
-               f"MFU vs {PEAK_TFLOPS:.0f} TFLOP/s; x base: tok/s over the baseline's)", table(results)]
+               f"MFU vs {PEAK_TFLOPS:.0f} TFLOP/s; x base: tok/s over the baseline's on the same steps)", table(results)]
     text = "\n".join(report)
     (out / "table.txt").write_text(text + "\n")
     print(text, flush=True)
