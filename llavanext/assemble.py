@@ -6,6 +6,7 @@ Training, generation, export and the demo all build their model here, so a run f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,10 @@ import torch
 from omegaconf import DictConfig
 
 from llavanext import model as modeling
+from llavanext import speed
 from llavanext.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +63,8 @@ def assemble(cfg: DictConfig, *, tokenizer_needed: bool = True, train: bool = Tr
         load_weights(model, cfg.init_from)
     if train:
         model = modeling.apply_parts(model, cfg.parts, cfg.peft)
+        for line in speed.apply(model, model_cfg):
+            log.info("speed: %s", line)
     return Assembled(model, tokenizer, image_token_id, vocab_size)
 
 
