@@ -6,24 +6,29 @@ PY := $(VENV)/bin/python
 # On a GPU machine: make install TORCH=torch
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS="--model tiny --device cpu" for a smoke run
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format clean
+.PHONY: help install demo test test-fast lint format clean bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv with CPU torch and the project (editable, with dev tools)
+install: $(VENV)/.installed ## create .venv with CPU torch and the project (editable, with dev tools and energon)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,energon]"
 	touch $@
 
 demo: install ## stage 1 + stage 2 on the tiny model with the bundled data, then held-out questions
 	$(PY) -m llavanext.demo --out outputs/demo
+
+bench: install ## training speed: plain transformers + peft vs ours on the GPU it finds (docs/benchmarks.md)
+	$(PY) bench/train_bench.py $(BENCH_ARGS)
 
 test: install ## the whole suite (about 10 minutes on 2 cores)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 CONF_PACKAGE = "llavanext.conf"
 NOT_GROUPS = {"hydra"}
+_MISSING = object()
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -78,10 +79,13 @@ def check_overrides(config_name: str, overrides: list[str]) -> str | None:
     except HydraException as e:
         return str(e).splitlines()[0]
     for key in keys:
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if leaf in keys_under(node):  # not select() or `in`: a ??? key exists but they miss it
+        if OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING:
             continue
+        head, _, last = key.rpartition(".")
+        node = OmegaConf.select(cfg, head, default=None) if head else cfg
+        if isinstance(node, DictConfig) and last in node.keys():  # a mandatory key (???) is neither selected nor `in`
+            continue
+        parent, _, leaf = key.rpartition(".")
         while parent and not isinstance(OmegaConf.select(cfg, parent, default=None), DictConfig):
             parent, _, leaf = parent.rpartition(".")  # the deepest part of the key that exists
         siblings = keys_under(OmegaConf.select(cfg, parent) if parent else cfg)

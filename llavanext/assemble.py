@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from llavanext import hf, store
+from llavanext import hf, speed, store
 from llavanext import model as modeling
 from llavanext.data.encoder import has_class_token
 from llavanext.data.templates import IMAGE
@@ -121,6 +121,8 @@ def assemble(cfg: DictConfig, *, tokenizer_needed: bool = True, train: bool = Tr
         load_weights(model, cfg.init_from)
     if train:
         model = modeling.apply_parts(model, cfg.parts, cfg.peft)
+        for line in speed.apply(model, model_cfg):
+            log.info("speed: %s", line)
     return Assembled(model, tokenizer, image_token_id, vocab_size)
 
 
@@ -169,12 +171,10 @@ def load_pretrained(model_cfg: DictConfig, config) -> torch.nn.Module:
     value = model_cfg.from_pretrained
     folder = pretrained_folder(model_cfg, "from_pretrained")
     warn_differences("from_pretrained", hf.load_config(folder, "llava_next"), config)
-    config._attn_implementation = model_cfg.get("attn_implementation", "sdpa")
-    model = hf.load(folder, "llava_next", config=config, dtype=modeling.torch_dtype(model_cfg.get("dtype", "auto")),
-                    what=f"model.from_pretrained={value}", hint=lambda c: hf.fit_hint(c, "llava_next"))
-    if model_cfg.get("gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    attn = model_cfg.get("attn_implementation", "sdpa")
+    config._attn_implementation = "sdpa" if attn == speed.PACKED_ATTENTION else attn  # speed.apply sets packed
+    return hf.load(folder, "llava_next", config=config, dtype=modeling.torch_dtype(model_cfg.get("dtype", "auto")),
+                   what=f"model.from_pretrained={value}", hint=lambda c: hf.fit_hint(c, "llava_next"))
 
 
 def load_pretrained_parts(model: torch.nn.Module, model_cfg: DictConfig) -> None:

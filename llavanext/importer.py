@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> Path:
     kind = hf.detect_kind(config, folder) if cfg.kind == "auto" else hf.check_kind(cfg.kind)
     name = store.check_name(cfg.name or default_name(source, folder))
     target = store.entry_dir(name)
-    if (target / store.META).is_file() and not cfg.force:
+    if target.is_dir() and not cfg.force:
         console.print(f"{name} is already in the store ({target}); nothing done (force=true replaces it)")
         return target
     check_source(folder, cfg.allow_pickle)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from llavanext.errors import ConfigError
+from llavanext.speed import PACKED_ATTENTION
 
 PARTS = ("vision_tower", "projector", "language_model")
 PART_MODES = ("frozen", "full", "lora")
@@ -52,13 +53,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_model(model_cfg: DictConfig, config: LlavaNextConfig) -> LlavaNextForConditionalGeneration:
-    """A randomly initialised model (weights arrive through init_from / the checkpoint issue)."""
-    config._attn_implementation = model_cfg.get("attn_implementation", "sdpa")
-    model = LlavaNextForConditionalGeneration(config)
+def build_model(model_cfg: DictConfig, config: LlavaNextConfig,
+                device: torch.device | str | None = None) -> LlavaNextForConditionalGeneration:
+    """A randomly initialised model (weights arrive through init_from / the checkpoint issue).
+
+    `device`: where to initialise (a 7B model initialises in seconds on a GPU, minutes on a CPU).
+    Speed levers (llavanext.speed) are switched on later, once the parts that train are set.
+    """
+    attn = model_cfg.get("attn_implementation", "sdpa")
+    config._attn_implementation = "sdpa" if attn == PACKED_ATTENTION else attn  # speed.apply sets packed
+    with torch.device(device or "cpu"):
+        model = LlavaNextForConditionalGeneration(config)
     model.to(torch_dtype(model_cfg.get("dtype", "auto")))
-    if model_cfg.get("gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

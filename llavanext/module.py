@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from llavanext import speed
+
 
 def cosine_with_warmup(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
     """NeMo's schedule: linear warmup to `lr`, cosine down to `min_lr` at `total`, flat after."""
@@ -19,9 +21,11 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int, lr: float, min_lr:
 
 
 class LlavaNextModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, optim: DictConfig, max_steps: int, warmup_steps: int):
+    def __init__(self, model: torch.nn.Module, optim: DictConfig, max_steps: int, warmup_steps: int,
+                 loss_chunk: int | None = None):
         super().__init__()
         self.model = model
+        self.loss_chunk = loss_chunk
         self.optim = optim
         self.max_steps = max_steps
         self.warmup_steps = warmup_steps
@@ -30,19 +34,26 @@ class LlavaNextModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    def loss(self, batch) -> torch.Tensor:
+        """transformers' loss; with `loss_chunk`, through the assistant-only chunked head (same value)."""
+        if self.loss_chunk:
+            return speed.assistant_loss(self.model, batch, self.loss_chunk)
+        return self.model(**batch, use_cache=False).loss
+
     def training_step(self, batch, batch_idx):
-        out = self.model(**batch)
-        tokens = int(batch["attention_mask"].sum())
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss = self.loss(batch)
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tokens", float(tokens), reduce_fx="sum", batch_size=1)
         if self._step_started is not None:
             elapsed = time.perf_counter() - self._step_started
             self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, batch_size=1)
         self._step_started = time.perf_counter()
-        return out.loss
+        return loss
 
     def validation_step(self, batch, batch_idx):
-        out = self.model(**batch)
+        out = self.model(**batch, use_cache=False)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer):

@@ -75,30 +75,27 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     text = str(name_or_path)
     if text.startswith(HF_PREFIX):
         return hf_snapshot(text)
-    if NAME.match(text) and (models_dir() / text / META).is_file():
+    if NAME.match(text) and (models_dir() / text).is_dir():  # half-written entries are hidden, never matched
         return models_dir() / text
     path = Path(text).expanduser()
     if path.is_dir():
         return path
     raise CheckpointError(
-        f"{text!r} is neither a model in the store ({models_dir()}), an hf://org/name, nor a folder. "
+        f"{text!r}: no model of that name in the store ({models_dir()}), and neither an hf://org/name nor a folder. "
         "`llavanext import --list` shows the store; `llavanext import source=...` adds to it")
 
 
 def read_meta(entry: Path) -> dict:
+    """An entry's llavanext.yaml ({} for a HF folder put into the store by hand)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(entry / META))
+    return OmegaConf.to_container(OmegaConf.load(entry / META)) if (entry / META).is_file() else {}
 
 
 def entries() -> list[tuple[str, dict]]:
-    """(name, llavanext.yaml) of every complete entry; half-written hidden folders are not entries."""
-    found = []
-    for meta in sorted(models_dir().glob(f"*/*/{META}")):
-        entry = meta.parent
-        if not entry.name.startswith(".") and not entry.parent.name.startswith("."):
-            found.append((f"{entry.parent.name}/{entry.name}", read_meta(entry)))
-    return found
+    """(name, llavanext.yaml) of every entry; half-written imports are hidden folders, not entries."""
+    return [(f"{entry.parent.name}/{entry.name}", read_meta(entry)) for entry in sorted(models_dir().glob("*/*"))
+            if entry.is_dir() and not entry.name.startswith(".") and not entry.parent.name.startswith(".")]
 
 
 def folder_size(path: Path) -> int:

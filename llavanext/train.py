@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from llavanext import model as modeling
+from llavanext import speed
 from llavanext.assemble import assemble
 from llavanext.data.datamodule import DataModule
 from llavanext.errors import ConfigError
@@ -113,7 +114,8 @@ def run(cfg: DictConfig) -> Path:
     modeling.check_trainable(rows)
 
     data = DataModule(cfg.data, cfg.model, built.tokenizer, cfg.template, built.image_token_id, built.vocab_size)
-    module = LlavaNextModule(built.model, cfg.optim, cfg.trainer.max_steps, warmup_steps(cfg))
+    module = LlavaNextModule(built.model, cfg.optim, cfg.trainer.max_steps, warmup_steps(cfg),
+                             loss_chunk=speed.loss_chunk(cfg.model))
     trainer = make_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, run_dir))
     console.print(f"done: {trainer.global_step} steps, checkpoints in {run_dir / CHECKPOINTS}")

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     out = subprocess.run([sys.executable, "-m", "llavanext.demo", "--out", str(tmp_path / "demo")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "accuracy" in out.stdout and "pretrain" in out.stdout
     summary = json.loads((tmp_path / "demo" / "accuracy.json").read_text())

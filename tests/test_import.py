@@ -168,7 +168,7 @@ def unknown_architecture(src: Path):
 
 
 BAD = {
-    "missing folder": (lambda src: __import__("shutil").rmtree(src), "neither a model in the store"),
+    "missing folder": (lambda src: __import__("shutil").rmtree(src), "no model of that name in the store"),
     "missing config.json": (lambda src: (src / "config.json").unlink(), "has no config.json"),
     "unknown architecture": (unknown_architecture, "model_type 'bert' .* is not one llavanext imports"),
     "shape mismatch": (break_shape, r"q_proj.weight has shape \(5, 5\) in the checkpoint but the model expects "
