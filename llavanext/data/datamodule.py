@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from llavanext.data.encoder import TaskEncoder, collate
+from llavanext.data.sampler import ResumableSampler
 from llavanext.data.sources import LlavaJsonDataset, MockDataset, read_records
 from llavanext.data.templates import get_template
 from llavanext.errors import ConfigError, DataError
@@ -48,7 +49,7 @@ def collate_good(samples, pad_id):
 
 class DataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig, model_cfg: DictConfig, tokenizer, template: str,
-                 image_token_id: int, vocab_size: int):
+                 image_token_id: int, vocab_size: int, seed: int = 0):
         super().__init__()
         if cfg.source not in SOURCES:
             raise ConfigError(f"data.source={cfg.source!r}; choose from {', '.join(SOURCES)}")
@@ -63,6 +64,8 @@ class DataModule(L.LightningDataModule):
                                        image_token_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         self.train_set = self.val_set = None
+        self.seed = seed
+        self.position = None  # the training sampler's state from a checkpoint
 
     def json_dataset(self, path, image_root, name):
         return LlavaJsonDataset(read_records(path), image_root, self.encoder, source=str(name))
@@ -87,10 +90,30 @@ class DataModule(L.LightningDataModule):
             self.val_set = self.json_dataset(cfg.val_path, image_root, cfg.val_path) if cfg.get("val_path") else None
 
     def loader(self, dataset, shuffle):
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = ResumableSampler(len(dataset), seed=self.seed, rank=rank, world_size=world, shuffle=shuffle)
+        if shuffle and self.position:
+            sampler.load_state_dict(self.position)
         return torch.utils.data.DataLoader(
             SkipBadSamples(dataset, self.cfg.on_bad_sample), batch_size=self.cfg.micro_batch_size,
-            shuffle=shuffle, num_workers=self.cfg.num_workers, collate_fn=partial(collate_good, pad_id=self.pad_id),
-            persistent_workers=self.cfg.num_workers > 0, drop_last=shuffle)
+            sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=partial(collate_good, pad_id=self.pad_id),
+            persistent_workers=self.cfg.num_workers > 0, drop_last=shuffle,
+            generator=torch.Generator().manual_seed(self.seed))  # leaves the global RNG to the model
+
+    def state_dict(self):
+        """The data position, stored by Lightning in every checkpoint.
+
+        Lightning resumes its batch count at the batches it had processed in this epoch when the
+        checkpoint was written; the sampler skips exactly the samples those batches held.
+        """
+        if self.trainer is None:
+            return {}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"seed": self.seed, "epoch": self.trainer.current_epoch,
+                "consumed": batches * self.cfg.micro_batch_size * self.trainer.world_size}
+
+    def load_state_dict(self, state):
+        self.position = state or None
 
     def train_dataloader(self):
         return self.loader(self.train_set, shuffle=True)
