@@ -2,21 +2,19 @@
 
 A checkpoint is written under a temporary name and renamed when complete, so a run killed
 while writing leaves the previous checkpoint as the last complete one (`run.last_checkpoint`
-never picks a `.tmp`). Sharded FSDP checkpoints are folders: the same, with a folder.
+never picks a `.tmp`). Sharded FSDP checkpoints are folders: `strategies.FSDP2` does the same with a folder.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import FSDPStrategy
 
 TMP = ".tmp"
 
@@ -40,30 +38,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-
-
-class AtomicFSDPStrategy(FSDPStrategy):
-    """FSDP whose sharded checkpoint folders appear only when every rank has written its shard."""
-
-    def save_checkpoint(self, checkpoint, filepath, storage_options=None):
-        if self._state_dict_type != "sharded":
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(path.name + TMP)
-        if self.global_rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)  # a write that was killed earlier
-        self.barrier("checkpoint_tmp_clean")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("checkpoint_written")
-        if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-        self.barrier("checkpoint_renamed")
 
 
 class RNGState(L.Callback):

@@ -26,6 +26,14 @@ class LlavaNextModule(L.LightningModule):
         self.max_steps = max_steps
         self.warmup_steps = warmup_steps
         self._step_started = None
+        self._sharded = False
+
+    def configure_model(self):
+        """strategy=fsdp shards the model here, once the process group exists (Lightning's FSDP2 hook)."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None and not self._sharded:
+            shard(self.model)
+            self._sharded = True
 
     def forward(self, **batch):
         return self.model(**batch)

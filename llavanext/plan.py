@@ -103,7 +103,7 @@ def make_plan(cfg: DictConfig, rows: list[modeling.PartRow] | None = None) -> Pl
 
     # on the GPU a model of dtype auto is bf16; its trainable weights get gradients and two AdamW moments alike
     width = DTYPE_BYTES[torch.bfloat16 if cfg.model.dtype == "auto" else modeling.torch_dtype(cfg.model.dtype)]
-    sharded = cfg.strategy.name == "fsdp" and cfg.strategy.sharding != "NO_SHARD"
+    sharded = cfg.strategy.name == "fsdp"
     shards = world if sharded else 1
     checkpointing = cfg.strategy.activation_checkpointing or cfg.model.get("gradient_checkpointing", False)
     memory = {

@@ -15,11 +15,12 @@ from rich.console import Console
 from llavanext import model as modeling
 from llavanext import plan as planning
 from llavanext.assemble import assemble
-from llavanext.checkpointing import AtomicCheckpointIO, AtomicFSDPStrategy, RNGState
+from llavanext.checkpointing import AtomicCheckpointIO, RNGState
 from llavanext.data.datamodule import DataModule
 from llavanext.errors import ConfigError
 from llavanext.module import LlavaNextModule
 from llavanext.run import CHECKPOINTS, is_checkpoint, last_checkpoint, output_dir, write_run_files
+from llavanext.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 console = Console(stderr=False)
@@ -113,7 +114,7 @@ def train(cfg: DictConfig) -> Path:
 
     with model_device(trainer):
         built = assemble(cfg, tokenizer_needed=cfg.data.source != "mock")
-    if cfg.strategy.activation_checkpointing and cfg.strategy.name == "ddp":
+    if cfg.strategy.activation_checkpointing:
         built.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = modeling.part_table(built.model, cfg.parts)
     modeling.check_trainable(rows)
@@ -133,32 +134,6 @@ def model_device(trainer: L.Trainer):
     """Build the weights straight on this rank's GPU (a 7B in float32 is 28 GB of host memory per rank)."""
     device = trainer.strategy.root_device
     return torch.device(device) if device.type == "cuda" else nullcontext()
-
-
-def transformer_block(module: torch.nn.Module) -> bool:
-    """The unit FSDP shards and checkpoints: a transformers decoder or encoder layer."""
-    return type(module).__name__.endswith(("DecoderLayer", "EncoderLayer"))
-
-
-def make_strategy(cfg: DictConfig):
-    s = cfg.strategy
-    if s.name == "ddp":
-        if planning.world_size(cfg) == 1:
-            return "auto"
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=s.find_unused_parameters)
-    if s.name == "fsdp":
-        from functools import partial
-
-        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
-        policy = partial(lambda_auto_wrap_policy, lambda_fn=transformer_block)
-        return AtomicFSDPStrategy(
-            auto_wrap_policy=policy, activation_checkpointing_policy=policy if s.activation_checkpointing else None,
-            sharding_strategy=s.sharding, state_dict_type=s.state_dict_type, cpu_offload=s.cpu_offload,
-            use_orig_params=True)  # frozen and trained weights share a shard (vision tower frozen, LoRA)
-    raise ConfigError(f"strategy={s.name!r}; choose ddp or fsdp")
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -186,7 +161,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         accelerator=t.accelerator,
         devices=cfg.executor.devices,
         num_nodes=cfg.executor.nodes,
-        strategy=make_strategy(cfg),
+        strategy=make_strategy(cfg, precision(t.precision)),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule's ResumableSampler shards by rank itself
         precision=precision(t.precision),
