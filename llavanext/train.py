@@ -42,6 +42,8 @@ class LossPrinter(L.Callback):
                 parts.append(f"lr {float(metrics['train/lr']):.2e}")
             if "train/tokens_per_s" in metrics:
                 parts.append(f"{float(metrics['train/tokens_per_s']):,.0f} tok/s")
+            if torch.cuda.is_available():
+                parts.append(f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
             parts.append(f"{time.perf_counter() - self.started:.0f}s")
             console.print("  ".join(parts), highlight=False)
 
@@ -142,12 +144,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     t = cfg.trainer
-    callbacks = [
-        ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step-{step}", save_last="link",
-                        every_n_train_steps=t.checkpoint_every, save_top_k=-1, auto_insert_metric_name=False),
-        LossPrinter(t.print_every),
-        RNGState(),
-    ]
+    callbacks = [LossPrinter(t.print_every), RNGState()]
+    if t.checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step-{step}", save_last="link",
+                                         every_n_train_steps=t.checkpoint_every, save_top_k=-1,
+                                         auto_insert_metric_name=False))
     if t.progress_bar == "rich":
         callbacks.append(RichProgressBar())
     metrics = run_dir / "logs" / "metrics.csv"
@@ -175,6 +176,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=t.progress_bar == "rich",
         enable_model_summary=False,
         callbacks=callbacks,
+        enable_checkpointing=bool(t.checkpoint_every),
         logger=loggers,
         default_root_dir=run_dir,
         deterministic=t.deterministic,
