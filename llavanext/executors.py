@@ -24,12 +24,22 @@ from llavanext.run import output_dir
 SCRIPT = "sbatch.sh"
 
 
+def entry_point() -> str:
+    """This environment's `llavanext` console script. Not `python -m llavanext`: from a checkout's root
+    that imports the source folder `llavanext/` instead of the installed package."""
+    beside = Path(sys.executable).parent / "llavanext"
+    found = str(beside) if beside.is_file() else shutil.which("llavanext")
+    if found is None:
+        raise LlavaNextError("no `llavanext` console script beside this Python or on PATH to start the ranks with")
+    return found
+
+
 def rank_args(cfg: DictConfig, run_dir: Path, *extra: str, drop: tuple[str, ...] = ()) -> list[str]:
-    """What each rank runs after `python -m`: this command's overrides, the run folder pinned, training in place."""
+    """What each rank runs after the entry point: this command's overrides, the run folder pinned, training in place."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("executor.dry_run=", *drop))]
-    return ["llavanext", cfg.command, *overrides, f"hydra.run.dir={run_dir}", "executor.launched=true", *extra]
+    return [cfg.command, *overrides, f"hydra.run.dir={run_dir}", "executor.launched=true", *extra]
 
 
 def launch(cfg: DictConfig) -> Path:
@@ -48,7 +58,7 @@ def local(cfg: DictConfig, run_dir: Path, print_plan) -> Path:
     if ex.nodes != 1:
         raise ConfigError(f"executor=local runs on this node: executor.nodes={ex.nodes} needs executor=slurm")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-               f"--nproc-per-node={ex.devices}", "-m", *rank_args(cfg, run_dir)]
+               f"--nproc-per-node={ex.devices}", "--no-python", entry_point(), *rank_args(cfg, run_dir)]
     if ex.dry_run:
         print_plan(cfg, with_config=True)
         print("torchrun command:\n  " + shlex.join(command))
@@ -62,7 +72,6 @@ def local(cfg: DictConfig, run_dir: Path, print_plan) -> Path:
 
 def sbatch_script(cfg: DictConfig, run_dir: Path) -> str:
     ex = cfg.executor
-    python = ex.python or sys.executable
     flags = [f"--job-name={ex.job_name}", f"--nodes={ex.nodes}", f"--ntasks-per-node={ex.devices}",
              f"--cpus-per-task={ex.cpus_per_task}", f"--time={ex.time}",
              f"--output={run_dir}/slurm-%j.out", f"--error={run_dir}/slurm-%j.err", "--open-mode=append",
@@ -73,7 +82,8 @@ def sbatch_script(cfg: DictConfig, run_dir: Path) -> str:
         if ex.get(key):
             flags.append(f"--{key}={ex[key]}")
     flags += list(ex.sbatch_args)
-    srun = ["srun", *ex.srun_args, python, "-m", *rank_args(cfg, run_dir, "resume=auto", drop=("resume=",))]
+    srun = ["srun", *ex.srun_args, ex.command or entry_point(),
+            *rank_args(cfg, run_dir, "resume=auto", drop=("resume=",))]
     lines = ["#!/bin/bash", f"# {cfg.command} run {run_dir.name}, written by llavanext; resubmit with sbatch",
              *(f"#SBATCH {flag}" for flag in flags), "",
              *ex.setup,
