@@ -13,13 +13,13 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv with CPU torch and the project (editable, with dev tools)
+install: $(VENV)/.installed ## create .venv with CPU torch and the project (editable, with dev tools and energon)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,energon]"
 	touch $@
 
 demo: install ## stage 1 + stage 2 on the tiny model with the bundled data, then held-out questions

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -30,12 +31,23 @@ COMMANDS = {
                         "llavanext finetune model=tiny data=demo peft=lora peft.r=8", "llavanext.train:run"),
     "generate": Command("answer prompts about images from a run, a store model or a HF folder",
                         "llavanext generate checkpoint=outputs/finetune/<run> image=cat.png prompt='What is it?'",
-                        None, 5),
+                        "llavanext.generate:run"),
+    "data": Command("check a dataset before training (`data check`), or write it for energon (`data prepare`)",
+                    "llavanext data check data=llava_json data.path=llava.json model=7b", "data"),
     "export": Command("write a training checkpoint as a Hugging Face folder (LoRA merged or as adapter)",
                       "llavanext export checkpoint=outputs/finetune/<run> out=exported/", None, 3),
 }
+# `llavanext data <sub>`: each sub-command has its own primary config, conf/data_<sub>.yaml
+DATA_COMMANDS = {
+    "check": Command("scan a dataset: bad records, token/tile histograms, truncation at seq_length",
+                     "llavanext data check data=llava_json data.path=llava.json model=7b", "llavanext.data.check:run"),
+    "prepare": Command("write LLaVA JSON + images as energon WebDataset shards",
+                       "llavanext data prepare data.path=llava.json out=/data/llava-wds", "llavanext.data.prepare:run"),
+}
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                           "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+# Keys that hold free text: quoted for Hydra, so a prompt may hold commas, quotes, brackets and `${`.
+FREE_TEXT = {"generate": ("prompt", "system")}
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 
 
@@ -48,6 +60,7 @@ def usage() -> str:
         lines.append(f"  {name:<{width}}  {cmd.summary}")
     lines += ["", "Examples:"]
     lines += [f"  {cmd.example}" for cmd in COMMANDS.values()]
+    lines.append(f"  {DATA_COMMANDS['prepare'].example}")
     lines += ["  llavanext finetune --cfg job model=7b peft=lora      print the composed config, run nothing",
               "  llavanext finetune -m optim.lr=1e-4,3e-4             a sweep: one run per value", "",
               "`llavanext <command> --help` lists the command's config groups and keys."]
@@ -72,7 +85,21 @@ def overrides_of(args: list[str]) -> list[str]:
     return out
 
 
+def quote_free_text(name: str, args: list[str]) -> list[str]:
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+        if eq and key in FREE_TEXT.get(name, ()) and not quoted:
+            value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # Hydra escapes \ only before '
+            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value).replace("${", "\\${")
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def run_task(name: str, command: Command, args: list[str]) -> None:
+    args = quote_free_text(name, args)
     if not any(a in HYDRA_INFO_FLAGS for a in args):
         from llavanext.cli.overrides import check_overrides
 
@@ -123,6 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     if command.task is None:
         fail(f"'{name}' is not built yet (issue #{command.issue}); nothing was done.")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    if name == "data":
+        sub = rest[0] if rest else None
+        if sub not in DATA_COMMANDS:
+            lines = "\n".join(f"  data {n:<8} {c.summary}\n    {c.example}" for n, c in DATA_COMMANDS.items())
+            fail(f"data needs a sub-command:\n{lines}")
+        name, command, rest = f"data_{sub}", DATA_COMMANDS[sub], rest[1:]
     run_task(name, command, rest)
 
 

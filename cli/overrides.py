@@ -81,6 +81,10 @@ def check_overrides(config_name: str, overrides: list[str]) -> str | None:
     for key in keys:
         if OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING:
             continue
+        head, _, last = key.rpartition(".")
+        node = OmegaConf.select(cfg, head, default=None) if head else cfg
+        if isinstance(node, DictConfig) and last in node.keys():  # a mandatory key (???) is neither selected nor `in`
+            continue
         parent, _, leaf = key.rpartition(".")
         while parent and not isinstance(OmegaConf.select(cfg, parent, default=None), DictConfig):
             parent, _, leaf = parent.rpartition(".")  # the deepest part of the key that exists

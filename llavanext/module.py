@@ -39,8 +39,9 @@ class LlavaNextModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch, batch_idx):
-        out = self.model(**batch)
-        tokens = int(batch["attention_mask"].sum())
+        out = self.model(**batch, use_cache=False)  # no cache: packed batches are read from position_ids
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tokens", float(tokens), reduce_fx="sum", batch_size=1)
         if self._step_started is not None:
@@ -50,7 +51,7 @@ class LlavaNextModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch, batch_idx):
-        out = self.model(**batch)
+        out = self.model(**batch, use_cache=False)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,16 +27,28 @@ log = logging.getLogger(__name__)
 console = Console(stderr=False)
 
 
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter hides the lines users need; its warnings stay."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 class LossPrinter(L.Callback):
     """One plain line every `every` steps, so the loss can be read in any log (CI, Slurm, a pipe)."""
 
     def __init__(self, every: int):
         self.every = every
         self.started = time.perf_counter()
+        self.printed = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        if step == self.printed:  # gradient accumulation: several batches end on one step
+            return
         if trainer.is_global_zero and self.every and (step % self.every == 0 or step == trainer.max_steps):
+            self.printed = step
             metrics = trainer.callback_metrics
             parts = [f"step {step:>5}/{trainer.max_steps}", f"loss {float(metrics['train/loss']):.4f}"]
             if "train/lr" in metrics:
@@ -80,6 +93,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def run(cfg: DictConfig) -> Path:
     """Where the run happens: here (`direct`, or a process a launcher started), or through a launcher."""
+    quiet_lightning()
     ex = cfg.executor
     if ex.name != "direct" and not ex.launched:
         from llavanext.executors import launch

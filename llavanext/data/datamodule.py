@@ -1,50 +1,105 @@
-"""The Lightning datamodule: picks the source named by `data.source`, encodes, batches."""
+"""The Lightning datamodule: builds the source named by `data.source`, encodes, batches, counts bad data.
+
+Bad records never raise inside a DataLoader worker. The Guard fills a bad record's slot with
+the next good record and carries the bad record's id, file and reason along in the batch
+(`data_stats`); the datamodule takes those counters off each batch in the main process
+(`on_before_batch_transfer`), logs every bad record, and fails the run with one DataError when
+`data.on_bad_sample=error` or when the bad fraction passes `data.max_bad_fraction`.
+"""
 
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from llavanext.data.encoder import TaskEncoder, collate
+from llavanext.data.encoder import Encoded, TaskEncoder, collate, pack, stats
 from llavanext.data.sampler import ResumableSampler
-from llavanext.data.sources import LlavaJsonDataset, MockDataset, read_records
+from llavanext.data.sources import (
+    HFDataset,
+    HFStream,
+    LlavaJsonDataset,
+    MixDataset,
+    MockDataset,
+    load_hf,
+    read_records,
+)
 from llavanext.data.templates import get_template
 from llavanext.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-SOURCES = ("demo", "llava_json", "mock")
+SOURCES = ("demo", "llava_json", "hf", "energon", "mix", "mock")
+MAX_BAD_IN_A_ROW = 64
+MIN_SEEN = 100  # the bad fraction is judged once this many samples (or the whole set) were seen
 
 
-class SkipBadSamples(torch.utils.data.Dataset):
-    """`data.on_bad_sample=skip`: a record that cannot be encoded is logged and left out of its batch."""
+class Guard(torch.utils.data.Dataset):
+    """A map-style dataset whose bad records are replaced by the next good one and reported."""
 
-    def __init__(self, dataset, on_bad_sample: str):
+    def __init__(self, dataset):
         self.dataset = dataset
-        self.on_bad_sample = on_bad_sample
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        try:
-            return self.dataset[index]
-        except DataError as e:
-            if self.on_bad_sample == "error":
-                raise
-            log.warning("skipping bad sample: %s", e)
-            return None
+    def __getitem__(self, index) -> Encoded:
+        bad = []
+        for step in range(MAX_BAD_IN_A_ROW):
+            try:
+                sample = self.dataset[(index + step) % len(self.dataset)]
+            except DataError as e:
+                bad.append(str(e))
+                continue
+            except Exception as e:  # a library failing on odd input is still one bad record, not a dead worker
+                bad.append(f"record at index {(index + step) % len(self.dataset)}: {type(e).__name__}: {e}")
+                continue
+            sample.bad = bad + sample.bad
+            return sample
+        raise DataError(f"{MAX_BAD_IN_A_ROW} bad records in a row, the last: {bad[-1]}")
 
 
-def collate_good(samples, pad_id):
-    good = [s for s in samples if s is not None]
-    if not good:
-        raise DataError("every sample of a batch was bad; see the warnings above")
-    return collate(good, pad_id)
+class Batcher:
+    """collate_fn: a padded batch, or a packed one with data.packing (see encoder.pack), plus counters."""
+
+    def __init__(self, pad_id: int, packing: bool, pack_length: int):
+        self.pad_id, self.packing, self.pack_length = pad_id, packing, pack_length
+
+    def __call__(self, samples: list[Encoded]) -> dict:
+        batch = pack(samples, self.pad_id, self.pack_length) if self.packing else collate(samples, self.pad_id)
+        return stats(samples, batch)
+
+
+class BadData:
+    """Counts seen, bad and truncated samples in the main process and enforces the policy."""
+
+    def __init__(self, on_bad_sample: str, max_bad_fraction: float, expected: int | None = None):
+        if on_bad_sample not in ("skip", "error"):
+            raise ConfigError(f"data.on_bad_sample={on_bad_sample!r}; choose skip or error")
+        self.on_bad_sample = on_bad_sample
+        self.max_bad_fraction = max_bad_fraction
+        self.min_seen = min(MIN_SEEN, expected) if expected else MIN_SEEN
+        self.seen = self.bad = self.truncated = 0
+
+    def update(self, data_stats: dict) -> None:
+        bad = data_stats["bad"]
+        self.seen += data_stats["samples"] + len(bad)
+        self.bad += len(bad)
+        self.truncated += data_stats["truncated"]
+        for line in bad:
+            log.warning("bad sample skipped: %s", line)
+        if bad and self.on_bad_sample == "error":
+            raise DataError(f"bad sample (data.on_bad_sample=error): {bad[0]}")
+        if self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen:
+            raise DataError(f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), more than "
+                            f"data.max_bad_fraction={self.max_bad_fraction}; the last: {bad[-1] if bad else '-'}. "
+                            "`llavanext data check` lists them all.")
+
+    def summary(self) -> str:
+        return (f"data: {self.seen} samples read, {self.bad} bad (skipped), {self.truncated} truncated "
+                "(text cut from the end; samples whose images do not fit are bad)")
 
 
 class DataModule(L.LightningDataModule):
@@ -63,45 +118,84 @@ class DataModule(L.LightningDataModule):
             self.encoder = TaskEncoder(tokenizer, get_template(template), model_cfg, cfg.seq_length,
                                        image_token_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        pack_length = cfg.get("pack_length") or cfg.seq_length
+        self.batcher = Batcher(self.pad_id, bool(cfg.get("packing", False)), pack_length)
         self.train_set = self.val_set = None
+        self.counters = BadData(cfg.on_bad_sample, cfg.get("max_bad_fraction", 0.01))
+        self.energon_loader = None
+        self.pending_energon_state = None
         self.seed = seed
         self.position = None  # the training sampler's state from a checkpoint
 
-    def json_dataset(self, path, image_root, name):
-        return LlavaJsonDataset(read_records(path), image_root, self.encoder, source=str(name))
-
-    def setup(self, stage=None):
-        if self.train_set is not None:
-            return
-        cfg = self.cfg
+    # -- building the sources -----------------------------------------------------------------
+    def build(self, cfg: DictConfig, split: str):
+        """The dataset of one source config for `train` or `val` (None when it has no such split)."""
         if cfg.source == "mock":
-            self.train_set = MockDataset(cfg, self.model_cfg, self.image_token_id, self.vocab_size)
-            self.val_set = None
-        elif cfg.source == "demo":
+            return MockDataset(cfg, self.model_cfg, self.image_token_id, self.vocab_size) if split == "train" else None
+        if cfg.source == "demo":
             from llavanext.demo.shapes import ensure_dataset
 
             root = ensure_dataset(cfg.num_train, cfg.num_val, cfg.seed)
-            train_file = root / ("captions.json" if cfg.split == "pretrain" else "train.json")
-            self.train_set = self.json_dataset(train_file, root, train_file)
-            self.val_set = self.json_dataset(root / "val.json", root, root / "val.json")
-        else:
-            image_root = cfg.image_root or Path(cfg.path).parent
-            self.train_set = self.json_dataset(cfg.path, image_root, cfg.path)
-            self.val_set = self.json_dataset(cfg.val_path, image_root, cfg.val_path) if cfg.get("val_path") else None
+            name = {"train": "captions.json" if cfg.split == "pretrain" else "train.json", "val": "val.json"}[split]
+            return LlavaJsonDataset(read_records(root / name), root, self.encoder, source=str(root / name))
+        if cfg.source == "llava_json":
+            path = cfg.path if split == "train" else cfg.get("val_path")
+            if not path:
+                return None
+            image_root = cfg.get("image_root") or Path(cfg.path).parent
+            return LlavaJsonDataset(read_records(path), image_root, self.encoder, source=str(path))
+        if cfg.source == "hf":
+            hf_split = cfg.get("split", "train") if split == "train" else cfg.get("val_split")
+            if not hf_split:
+                return None
+            root = cfg.get("image_root") or (cfg.path if Path(cfg.path).is_dir() else Path(cfg.path).parent)
+            ds = load_hf(cfg.path, split=hf_split, streaming=bool(cfg.get("streaming", False)))
+            if cfg.get("streaming", False):
+                rank, world = distributed_rank()
+                return HFStream(ds, self.encoder, root, cfg.path, rank, world)
+            return HFDataset(ds, self.encoder, root, cfg.path)
+        if cfg.source == "mix":
+            parts = [self.build(merged(cfg, entry), split) for entry in cfg.sources]
+            if split != "train" or any(p is None or isinstance(p, torch.utils.data.IterableDataset) for p in parts):
+                if split == "train":
+                    raise ConfigError("data.sources: mix map-style sources (llava_json, demo, hf without streaming, "
+                                      "mock); energon datasets mix through an energon metadataset (data=energon)")
+                return None
+            return MixDataset(parts, [float(e.get("weight", 1.0)) for e in cfg.sources], cfg.get("seed", 0),
+                              cfg.get("num_samples"))
+        raise ConfigError(f"data.source={cfg.source!r} cannot be read as a dataset here")
 
-    def loader(self, dataset, shuffle):
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = ResumableSampler(len(dataset), seed=self.seed, rank=rank, world_size=world, shuffle=shuffle)
-        if shuffle and self.position:
-            sampler.load_state_dict(self.position)
+    def setup(self, stage=None):
+        if self.train_set is not None or self.cfg.source == "energon":
+            return
+        if self.encoder is None and self.cfg.source != "mock":
+            raise ConfigError(f"data={self.cfg.name} needs a tokenizer")
+        self.train_set = self.build(self.cfg, "train")
+        self.val_set = self.build(self.cfg, "val")
+        expected = len(self.train_set) if hasattr(self.train_set, "__len__") else None
+        self.counters = BadData(self.cfg.on_bad_sample, self.cfg.get("max_bad_fraction", 0.01), expected)
+        log.info("data: seq_length=%d, over-long samples lose text from the end; a sample whose image tokens "
+                 "do not fit is skipped as bad%s", self.cfg.seq_length,
+                 f"; packing up to {self.batcher.pack_length} tokens a row" if self.batcher.packing else "")
+
+    # -- loaders ------------------------------------------------------------------------------
+    def loader(self, dataset, shuffle: bool):
+        """The one place a map-style or iterable dataset becomes a DataLoader (the sampler plugs in here)."""
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        sampler = None
+        if not iterable:  # seeded, sharded by rank, resumable mid-epoch (Lightning's own sampler is off)
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            sampler = ResumableSampler(len(dataset), seed=self.seed, rank=rank, world_size=world, shuffle=shuffle)
+            if shuffle and self.position:
+                sampler.load_state_dict(self.position)
         return torch.utils.data.DataLoader(
-            SkipBadSamples(dataset, self.cfg.on_bad_sample), batch_size=self.cfg.micro_batch_size,
-            sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=partial(collate_good, pad_id=self.pad_id),
+            dataset if iterable else Guard(dataset), batch_size=self.cfg.micro_batch_size, sampler=sampler,
+            num_workers=self.cfg.num_workers, collate_fn=self.batcher,
             persistent_workers=self.cfg.num_workers > 0, drop_last=shuffle,
             generator=torch.Generator().manual_seed(self.seed))  # leaves the global RNG to the model
 
     def state_dict(self):
-        """The data position, stored by Lightning in every checkpoint.
+        """The data position of map-style sources, stored by Lightning in every checkpoint.
 
         Lightning resumes its batch count at the batches it had processed in this epoch when the
         checkpoint was written; the sampler skips exactly the samples those batches held.
@@ -116,7 +210,57 @@ class DataModule(L.LightningDataModule):
         self.position = state or None
 
     def train_dataloader(self):
+        if self.cfg.source == "energon":
+            from llavanext.data.energon import energon_loader
+
+            self.energon_loader = energon_loader(self.cfg, self.encoder, self.batcher, "train")
+            if self.pending_energon_state is not None:
+                self.energon_loader.restore_state_rank(self.pending_energon_state)
+                self.pending_energon_state = None
+            return self.energon_loader
         return self.loader(self.train_set, shuffle=True)
 
     def val_dataloader(self):
+        if self.cfg.source == "energon":
+            if not self.cfg.get("val", True):
+                return []
+            from llavanext.data.energon import energon_loader
+
+            return energon_loader(self.cfg, self.encoder, self.batcher, "val")
         return self.loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        data_stats = batch.pop("data_stats", None)
+        if data_stats is not None:
+            self.counters.update(data_stats)
+        return batch
+
+    def teardown(self, stage=None):
+        if self.counters.seen:
+            log.info(self.counters.summary())
+
+    # -- energon's data position (the lead wires these into state_dict/load_state_dict) -------
+    def energon_state(self):
+        """This rank's energon loader position (save with torch.save; load with weights_only=False)."""
+        return self.energon_loader.save_state_rank() if self.energon_loader is not None else None
+
+    def restore_energon_state(self, state) -> None:
+        """Continue from a saved position: applied when the train loader is (re)built, before iteration."""
+        if self.energon_loader is not None:
+            self.energon_loader.restore_state_rank(state)
+        else:
+            self.pending_energon_state = state
+
+
+def merged(parent: DictConfig, entry: DictConfig) -> DictConfig:
+    """A mix entry with the mix's shared settings (seq_length, seeds, ...) filled in."""
+    from omegaconf import OmegaConf
+
+    base = {k: v for k, v in OmegaConf.to_container(parent, resolve=True).items() if k not in ("sources", "source")}
+    return OmegaConf.merge(OmegaConf.create(base), entry)
+
+
+def distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

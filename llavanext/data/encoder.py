@@ -3,14 +3,20 @@
 Every `<image>` marker becomes exactly as many image tokens as the model will produce for
 that image (anyres tiles, unpadding and row newlines, as transformers computes them), so a
 forward pass never meets a token/feature mismatch. Labels are -100 everywhere except on
-assistant answers and their end-of-turn token. Over-long samples lose text from the end,
-never part of an image; a sample whose image tokens alone exceed `seq_length` is dropped.
+assistant answers and their end-of-turn token.
+
+Truncation policy: an over-long sample loses text from its end, never part of an image; a
+sample whose cut would fall inside (or before) its last image's tokens, or leave no trained
+token, is dropped as a bad sample with that reason. Both are counted (`Encoded.truncated`,
+the bad-sample counters of the datamodule).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -18,6 +24,9 @@ from llavanext.data.templates import IMAGE, Template
 from llavanext.errors import DataError
 
 IGNORE = -100
+# transformers' CLIP normalisation (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def select_best_resolution(original_size, possible_resolutions):
@@ -50,8 +59,15 @@ def image_token_count(height: int, width: int, model_cfg: DictConfig) -> int:
     return current_h * current_w + current_h + base
 
 
+def tile_count(height: int, width: int, model_cfg: DictConfig) -> int:
+    """Tiles the vision tower encodes for an image: the base view plus the anyres grid."""
+    tile = model_cfg.vision.image_size
+    best_h, best_w = select_best_resolution((height, width), model_cfg.image_grid_pinpoints)
+    return 1 + (best_h // tile) * (best_w // tile)
+
+
 def make_image_processor(model_cfg: DictConfig):
-    """transformers' own LLaVA-NeXT image processor for this model's tile size and pinpoints."""
+    """transformers' own LLaVA-NeXT image processor for this model's tile size and pinpoints (the reference)."""
     try:  # transformers >= 5 names the torchvision-free backend explicitly
         from transformers import LlavaNextImageProcessorPil as Processor
     except ImportError:
@@ -61,6 +77,49 @@ def make_image_processor(model_cfg: DictConfig):
                      image_grid_pinpoints=[list(p) for p in model_cfg.image_grid_pinpoints], do_pad=False)
 
 
+class ImageProcessor:
+    """transformers' LLaVA-NeXT preprocessing, bit for bit, without its detours.
+
+    Same steps as `LlavaNextImageProcessorPil`: resize (bicubic, aspect kept) into the best
+    pinpoint, pad centred with black, cut into tiles, prepend the whole image squashed to one
+    tile, rescale by 1/255 and normalise with CLIP's mean/std. The resizes are the same PIL
+    calls; the float steps give the same float32 values (x/255 in float32 equals transformers'
+    float64 rescale rounded to float32 for all 256 byte values, checked below; the normalise is
+    the same float32 subtract and divide), so the output is identical, not close.
+    What it skips: numpy<->PIL round trips, a no-op resize and crop of every tile, float64 passes.
+    """
+
+    def __init__(self, model_cfg: DictConfig):
+        self.tile = model_cfg.vision.image_size
+        self.pinpoints = [tuple(p) for p in model_cfg.image_grid_pinpoints]
+        self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        reference = (np.arange(256).astype(np.float64) * (1 / 255)).astype(np.float32)  # transformers' rescale
+        assert np.array_equal(reference, (torch.arange(256, dtype=torch.float32) / 255).numpy())
+
+    def __call__(self, image) -> torch.Tensor:
+        """(tiles, 3, tile, tile) float32 for one PIL image."""
+        from PIL import Image
+
+        image = image.convert("RGB")
+        tile = self.tile
+        best_h, best_w = select_best_resolution((image.height, image.width), self.pinpoints)
+        scale_w, scale_h = best_w / image.width, best_h / image.height
+        if scale_w < scale_h:
+            new_w, new_h = best_w, min(math.ceil(image.height * scale_w), best_h)
+        else:
+            new_w, new_h = min(math.ceil(image.width * scale_h), best_w), best_h
+        canvas = Image.new("RGB", (best_w, best_h))
+        canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC),
+                     ((best_w - new_w) // 2, (best_h - new_h) // 2))
+        base = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))
+        grid = np.asarray(canvas)  # (H, W, 3) -> tiles in row-major order
+        rows, cols = best_h // tile, best_w // tile
+        tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, tile, tile)
+        pixels = np.concatenate([base.transpose(2, 0, 1)[None], tiles])  # uint8 (tiles, 3, tile, tile)
+        return torch.from_numpy(pixels).float().div_(255).sub_(self.mean).div_(self.std)
+
+
 @dataclass
 class Encoded:
     input_ids: torch.Tensor                    # (seq,)
@@ -68,6 +127,17 @@ class Encoded:
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # per image (tiles, 3, H, W)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     truncated: bool = False
+    # bad records this sample's slot stood in for (id, file, reason lines; see datamodule.Guard)
+    bad: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextEncoded:
+    input_ids: list[int]
+    labels: list[int]
+    text_tokens: int
+    image_tokens: int
+    truncated: bool
 
 
 class TaskEncoder:
@@ -78,53 +148,92 @@ class TaskEncoder:
         self.model_cfg = model_cfg
         self.seq_length = seq_length
         self.image_token_id = image_token_id
-        self.image_processor = make_image_processor(model_cfg)
+        self.image_processor = ImageProcessor(model_cfg)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def tokens(self, text: str, counts: list[int]) -> list[int]:
-        """Token ids of `text` with each `<image>` replaced by its image's tokens (counts consumed)."""
-        ids = []
-        pieces = text.split(IMAGE)
-        for i, piece in enumerate(pieces):
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-            if i < len(pieces) - 1:
-                ids += [self.image_token_id] * counts.pop(0)
-        return ids
+    def encode_text(self, conversations, image_sizes, *, generation: bool = False) -> TextEncoded:
+        """Token ids and labels from the conversation and the images' (height, width) alone.
 
-    def encode(self, conversations, images=(), *, generation: bool = False) -> Encoded:
-        """One record: its conversation (LLaVA or OpenAI turns) and its PIL images in marker order."""
+        The rendered conversation is tokenised in one piece (the tokens the model meets at
+        inference); each token is trained when it starts inside an assistant segment.
+        """
         segments = self.template.render(conversations, generation=generation)
-        markers = sum(s.text.count(IMAGE) for s in segments)
-        if markers != len(images):
-            raise DataError(f"{markers} <image> marker(s) but {len(images)} image(s)")
-        counts = [image_token_count(im.height, im.width, self.model_cfg) for im in images]
+        text = "".join(s.text for s in segments)
+        markers = text.count(IMAGE)
+        if markers != len(image_sizes):
+            raise DataError(f"{markers} <image> marker(s) but {len(image_sizes)} image(s)")
+        trained_spans, start = [], 0
+        for s in segments:
+            if s.trained:
+                trained_spans.append((start, start + len(s.text)))
+            start += len(s.text)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        counts = [image_token_count(h, w, self.model_cfg) for h, w in image_sizes]
         ids, labels = [], []
         if self.tokenizer.bos_token_id is not None:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE)
-        for segment in segments:
-            seg_ids = self.tokens(segment.text, counts)
-            ids += seg_ids
-            labels += seg_ids if segment.trained else [IGNORE] * len(seg_ids)
+        span = 0
+        images_seen = 0
+        for token, (begin, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if token == self.image_token_id:
+                if images_seen == len(counts):
+                    raise DataError("the text holds more image tokens than <image> markers")
+                ids += [token] * counts[images_seen]
+                labels += [IGNORE] * counts[images_seen]
+                images_seen += 1
+                continue
+            while span < len(trained_spans) and trained_spans[span][1] <= begin:
+                span += 1
+            trained = span < len(trained_spans) and trained_spans[span][0] <= begin
+            ids.append(token)
+            labels.append(token if trained else IGNORE)
+        if images_seen != len(counts):
+            raise DataError(f"{len(counts)} <image> marker(s) but the tokenizer found {images_seen}")
+        image_tokens = sum(counts)
+        text_tokens = len(ids) - image_tokens
         ids, labels, truncated = self.truncate(ids, labels, generation)
-        pixel_values, sizes = [], []
-        for image in images:
-            out = self.image_processor([image.convert("RGB")], return_tensors="pt")
-            pixel_values.append(out["pixel_values"][0])
-            sizes.append((image.height, image.width))
-        return Encoded(torch.tensor(ids), torch.tensor(labels), pixel_values, sizes, truncated)
+        return TextEncoded(ids, labels, text_tokens, image_tokens, truncated)
+
+    def encode(self, conversations, images=(), *, generation: bool = False) -> Encoded:
+        """One record: its conversation (LLaVA or OpenAI turns) and its PIL images in marker order."""
+        sizes = [(im.height, im.width) for im in images]
+        text = self.encode_text(conversations, sizes, generation=generation)
+        pixel_values = [self.image_processor(image) for image in images]
+        return Encoded(torch.tensor(text.input_ids), torch.tensor(text.labels), pixel_values, sizes, text.truncated)
 
     def truncate(self, ids, labels, generation):
         if len(ids) <= self.seq_length:
             return ids, labels, False
+        image_tokens = ids.count(self.image_token_id)
         last_image = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1)
         if last_image >= self.seq_length or generation:
-            raise DataError(f"{len(ids)} tokens, {ids.count(self.image_token_id)} of them image tokens, "
-                            f"do not fit seq_length={self.seq_length} without cutting an image")
+            raise DataError(f"too long: {len(ids)} tokens, {image_tokens} of them image tokens, do not fit "
+                            f"seq_length={self.seq_length} without cutting an image")
         if all(label == IGNORE for label in labels[: self.seq_length]):
-            raise DataError(f"truncating to seq_length={self.seq_length} would leave no trained token")
+            raise DataError(f"too long: truncating {len(ids)} tokens to seq_length={self.seq_length} "
+                            "would leave no trained token")
         return ids[: self.seq_length], labels[: self.seq_length], True
+
+
+def stack_images(samples: list[Encoded], out: dict) -> dict:
+    """pixel_values (images, max tiles, 3, H, W) zero-padded on tiles, image_sizes (images, 2), in token order."""
+    images = [pv for s in samples for pv in s.pixel_values]
+    if images:
+        tiles = max(pv.shape[0] for pv in images)
+        pixel_values = images[0].new_zeros((len(images), tiles, *images[0].shape[1:]))
+        for i, pv in enumerate(images):
+            pixel_values[i, : pv.shape[0]] = pv
+        out["pixel_values"] = pixel_values
+        out["image_sizes"] = torch.tensor([size for s in samples for size in s.image_sizes])
+    return out
+
+
+def stats(samples: list[Encoded], out: dict) -> dict:
+    """Counters the datamodule takes off the batch before it reaches the model (see DataModule)."""
+    out["data_stats"] = {"samples": len(samples), "truncated": sum(s.truncated for s in samples),
+                         "bad": [line for s in samples for line in s.bad]}
+    return out
 
 
 def collate(samples: list[Encoded], pad_id: int) -> dict:
@@ -140,12 +249,49 @@ def collate(samples: list[Encoded], pad_id: int) -> dict:
         labels[i, :n] = s.labels
         attention_mask[i, :n] = 1
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    images = [pv for s in samples for pv in s.pixel_values]
-    if images:
-        tiles = max(pv.shape[0] for pv in images)
-        pixel_values = images[0].new_zeros((len(images), tiles, *images[0].shape[1:]))
-        for i, pv in enumerate(images):
-            pixel_values[i, : pv.shape[0]] = pv
-        out["pixel_values"] = pixel_values
-        out["image_sizes"] = torch.tensor([size for s in samples for size in s.image_sizes])
-    return out
+    return stack_images(samples, out)
+
+
+def pack(samples: list[Encoded], pad_id: int, pack_length: int) -> dict:
+    """Several samples per row, attention kept inside each sample by its position ids.
+
+    The packed batch (R rows, usually 1):
+      input_ids     (R, T) long   samples back to back, rows padded to the longest row T
+      position_ids  (R, T) long   0, 1, ... restarting at every sample (and for the padding tail)
+      labels        (R, T) long   each sample's own labels; -100 on padding and on each sample's
+                                  first token (unpacked, no token predicts it either)
+      pixel_values  (images, tiles, 3, H, W), image_sizes (images, 2): in the order the images'
+                    tokens appear when the rows are read one after another
+    There is no attention_mask: transformers' masking utils (create_causal_mask) read the
+    restarts of position_ids as sequence boundaries when attention_mask is None and no cache
+    is used (the module passes use_cache=False), so no token attends across samples.
+    Rows are filled first-fit in sample order, each holding at most `pack_length` tokens.
+    """
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for s in samples:
+        n = len(s.input_ids)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(s)
+                room[r] -= n
+                break
+        else:
+            rows.append([s])
+            room.append(pack_length - n)
+    length = max(pack_length - free for free in room)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s.input_ids)
+            input_ids[r, at:at + n] = s.input_ids
+            labels[r, at:at + n] = s.labels
+            labels[r, at] = IGNORE  # never predicted from the previous sample's last token
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)
+    out = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+    return stack_images([s for row in rows for s in row], out)

@@ -22,18 +22,44 @@ class Segment:
     trained: bool
 
 
+def content_text(content):
+    """A turn's text: a string, or OpenAI/HF content parts where an image part becomes `<image>\\n`."""
+    if isinstance(content, str) or content is None:
+        return content
+    if not isinstance(content, list):
+        return None
+    text = ""
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text += IMAGE + "\n"
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+        else:
+            return None
+    return text
+
+
 def normalise(conversations) -> list[tuple[str, str]]:
     """LLaVA's `from/value` or OpenAI's `role/content` turns as (role, text) pairs."""
+    if not isinstance(conversations, list):
+        raise DataError(f"conversations is a {type(conversations).__name__}, not a list of turns")
     turns = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
             raise DataError(f"turn {i} is not an object")
         role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
+        text = content_text(turn.get("value", turn.get("content")))
         if role not in ROLES:
             raise DataError(f"turn {i} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(text, str):
             raise DataError(f"turn {i} has no text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"turn {i} has non-UTF-8 text") from None
+        if ROLES[role] == "assistant" and not text.strip():
+            raise DataError(f"turn {i} is an empty assistant answer")
         turns.append((ROLES[role], text))
     return turns
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 # Each stage's overrides: what a user would type after `llavanext pretrain` / `finetune`.
-PRETRAIN = ["model=tiny", "data=demo", "trainer.max_steps=200"]
-FINETUNE = ["model=tiny", "data=demo", "trainer.max_steps=500", "optim.lr=1e-3", "optim.min_lr=1e-5",
+PRETRAIN = ["model=tiny", "data=demo", "trainer.max_steps=200", "trainer.print_every=25"]
+FINETUNE = ["model=tiny", "data=demo", "trainer.max_steps=500", "trainer.print_every=25", "optim.lr=1e-3", "optim.min_lr=1e-5",
             "optim.warmup_steps=50"]
 
 

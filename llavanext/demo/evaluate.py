@@ -10,46 +10,33 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from llavanext.assemble import from_run
-from llavanext.data.encoder import TaskEncoder, collate
-from llavanext.data.sources import LlavaJsonDataset
-from llavanext.data.templates import get_template
+from llavanext.data.sources import image_paths
+from llavanext.decoding import Sampling
 from llavanext.demo.shapes import QUESTIONS, ensure_dataset
+from llavanext.generate import Request, load
+from llavanext.run import load_run_config
 
 CHANCE = {"color": 1 / 6, "shape": 1 / 3, "count": 1 / 3, "position": 1 / 2}
 
 
-@torch.no_grad()
 def answer_all(run: str | Path, limit: int | None = None, batch_size: int = 16) -> list[dict]:
-    cfg, built = from_run(run)
-    tok = built.tokenizer
-    encoder = TaskEncoder(tok, get_template(cfg.template), cfg.model, cfg.data.seq_length, built.image_token_id)
+    """The run's greedy answers through `llavanext generate`'s code, next to the truth."""
+    generator = load(str(run))
+    cfg = load_run_config(run)
     root = ensure_dataset(cfg.data.num_train, cfg.data.num_val, cfg.data.seed)
     records = json.loads((root / "val.json").read_text())[:limit]
-    images = LlavaJsonDataset(records, root, encoder)
     results = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        encoded = [encoder.encode(r["conversations"][:1], images.load_images(r), generation=True) for r in chunk]
-        # left padding: generation continues every row from its last real token
-        batch = collate(encoded, tok.pad_token_id)
-        lengths = batch["attention_mask"].sum(1)
-        width = batch["input_ids"].shape[1]
-        for i, n in enumerate(lengths.tolist()):
-            batch["input_ids"][i] = torch.roll(batch["input_ids"][i], width - n)
-            batch["attention_mask"][i] = torch.roll(batch["attention_mask"][i], width - n)
-        batch.pop("labels")
-        out = built.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id)
-        for record, ids in zip(chunk, out[:, width:]):
-            text = tok.decode(ids, skip_special_tokens=True).strip()
+        prepared = [generator.prepare(Request(r["conversations"][0]["value"], [root / p for p in image_paths(r)],
+                                              Sampling(max_new_tokens=6), id=r["id"])) for r in chunk]
+        for record, answer in zip(chunk, generator.answer(prepared)):
             truth = record["conversations"][1]["value"]
             results.append({"id": record["id"], "kind": record["kind"], "question": QUESTIONS[record["kind"]],
-                            "truth": truth, "answer": text, "correct": text == truth})
+                            "truth": truth, "answer": answer.text, "correct": answer.text == truth})
     return results
 
 
