@@ -160,7 +160,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
     callbacks = [LossPrinter(t.print_every), RNGState()]
     if t.checkpoint_every:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step-{step}", save_last="link",
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step-{step}", save_last=True,
                                          every_n_train_steps=t.checkpoint_every, save_top_k=-1,
                                          auto_insert_metric_name=False))
     if t.progress_bar == "rich":
