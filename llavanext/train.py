@@ -80,12 +80,13 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if not resume:
         return None
     if resume == "auto":
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
         found = last_checkpoint(run_dir)
-        if found is None:
-            console.print(f"resume=auto: no checkpoint in {run_dir}, starting from step 0", soft_wrap=True)
-            return None
-        console.print(f"resume=auto: continuing from {found}", soft_wrap=True)
-        return str(found)
+        if rank_zero_only.rank == 0:
+            console.print(f"resume=auto: continuing from {found}" if found else
+                          f"resume=auto: no checkpoint in {run_dir}, starting from step 0", soft_wrap=True)
+        return str(found) if found else None
     if not is_checkpoint(Path(resume)):
         raise ConfigError(f"resume={resume!r}: no such checkpoint (use resume=auto or a .ckpt path)")
     return resume

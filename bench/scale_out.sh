@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scale-out speed run: LLaVA-NeXT-7B with random weights on mock data (3,329 tokens a sample: 400 text + one
 # 672x672 image), full finetune with FSDP2 and LoRA with DDP, torchrun on this node. Results: docs/benchmarks.md.
-# usage: benchmarks/scale_out.sh [devices] [steps] [log folder] [more overrides...]   (MODEL=tiny for a CPU try)
+# usage: bench/scale_out.sh [devices] [steps] [log folder] [more overrides...]   (MODEL=tiny for a CPU try)
 set -uo pipefail
 DEVICES=${1:-2}
 STEPS=${2:-8}
