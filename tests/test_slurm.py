@@ -90,10 +90,11 @@ def test_a_cancelled_job_is_reported_cancelled(slurm, tmp_path):
 @pytest.mark.slow
 def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
     run = tmp_path / "run"
-    (job,), _ = submit(tmp_path, "pretrain", *TINY, "trainer.max_steps=12", "trainer.checkpoint_every=100",
+    # long enough that the signal lands during training (a tiny step can take 10 ms)
+    (job,), _ = submit(tmp_path, "pretrain", *TINY, "trainer.max_steps=150", "trainer.checkpoint_every=1000",
                        f"hydra.run.dir={run}")
     log = run / f"slurm-{job}.out"
-    wait_for(lambda: log.exists() and "step     3/12" in log.read_text(), f"job {job} to reach step 3")
+    wait_for(lambda: log.exists() and "step     3/150" in log.read_text(), f"job {job} to reach step 3")
     # what Slurm sends before the time limit (--signal=USR1@90): Lightning saves and requeues the job
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     wait_for(lambda: job_state(job) == "PENDING", f"job {job} to be requeued", timeout=60)
@@ -103,4 +104,4 @@ def test_preemption_saves_requeues_and_resumes(slurm, tmp_path):
     text = log.read_text()
     assert job_state(job) == "COMPLETED", text[-3000:]
     assert f"continuing from {run}/hpc_ckpt_1.ckpt" in text
-    assert "done: 12 steps" in text
+    assert "done: 150 steps" in text
