@@ -93,7 +93,7 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     Checkpoints are written under a `.tmp` name and renamed when complete, so a partial one never counts."""
     run_dir = Path(run_dir)
     found = [p for p in (*(run_dir / CHECKPOINTS).glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
-    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None  # last.ckpt is a link
+    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None  # a linked last.ckpt names its target
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -17,15 +17,12 @@ from omegaconf import DictConfig
 
 from llavanext.checkpointing import TMP, fsync_dir
 from llavanext.errors import ConfigError
+from llavanext.plan import world_size
 
 
 def transformer_block(module: torch.nn.Module) -> bool:
     """The unit FSDP shards and gathers at a time: a transformers decoder or encoder layer."""
     return type(module).__name__.endswith(("DecoderLayer", "EncoderLayer"))
-
-
-def world_size(cfg: DictConfig) -> int:
-    return cfg.executor.nodes * cfg.executor.devices
 
 
 def make_strategy(cfg: DictConfig, precision: str):
