@@ -88,18 +88,23 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    folder = Path(run_dir) / CHECKPOINTS
-    last = folder / "last.ckpt"
-    if last.is_file():
-        return last
-    steps = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return steps[-1] if steps else None
+    """The newest complete checkpoint of a run: `checkpoints/*.ckpt` (a file, or a folder when
+    sharded) or one Lightning wrote on Slurm's preemption signal (`hpc_ckpt_N.ckpt`).
+    Checkpoints are written under a `.tmp` name and renamed when complete, so a partial one never counts."""
+    run_dir = Path(run_dir)
+    found = [p for p in (*(run_dir / CHECKPOINTS).glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None  # a linked last.ckpt names its target
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint's folder (Lightning's FSDP format: shards + meta.pt)."""
+    return path.is_file() or (path / "meta.pt").is_file()
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """A checkpoint file, or a run folder's last checkpoint."""
     path = Path(source)
-    if path.is_file():
+    if is_checkpoint(path):
         return path
     if path.is_dir():
         found = last_checkpoint(path)
