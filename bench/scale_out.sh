@@ -12,7 +12,7 @@ COMMON=("model=${MODEL:-7b}" data=mock executor=local "executor.devices=$DEVICES
         trainer.precision=bf16-mixed optim.warmup_steps=2 "${@:4}")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # full finetune: float32 master weights, bf16 compute, activations recomputed per block
-timeout "${RUN_TIMEOUT:-2h}" llavanext finetune "${COMMON[@]}" strategy=fsdp strategy.activation_checkpointing=true model.dtype=float32 \
+timeout "${RUN_TIMEOUT:-2h}" llavanext finetune "${COMMON[@]}" strategy=fsdp model.gradient_checkpointing=true model.dtype=float32 \
     hydra.run.dir="$LOGS/fsdp-full" 2>&1 | tee "$LOGS/fsdp-full.log" | grep -E '^step|GPU memory|Error|error'
 # LoRA (r=16 on every linear layer of the language model) + projector: base weights in bf16
 timeout "${RUN_TIMEOUT:-2h}" llavanext finetune "${COMMON[@]}" peft=lora strategy=ddp model.dtype=bfloat16 \
