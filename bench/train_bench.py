@@ -34,7 +34,7 @@ PEAK_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 
 from llavanext import model as modeling  # noqa: E402
 from llavanext import speed  # noqa: E402
-from llavanext.data.encoder import IGNORE, collate  # noqa: E402
+from llavanext.data.encoder import IGNORE, collate, pack  # noqa: E402
 from llavanext.data.sources import MockDataset  # noqa: E402
 
 # 336 px tiles (7B): pinpoints give 3 (336x672), 4 (1008x336) or 5 (672x672) tiles with the base image
@@ -61,23 +61,6 @@ EXTRAS = [  # not in ours; compare with the row before `+ compiled decoder layer
 ]
 
 
-def pack_row(samples, pad_id):
-    """TEMPORARY until the data issue's packing lands: all samples in one row, positions restarting."""
-    try:
-        from llavanext.data.encoder import pack
-    except ImportError:
-        pack = None
-    if pack is not None:
-        return pack(samples, pad_id, sum(len(s.input_ids) for s in samples))
-    out = collate(samples, pad_id)
-    labels = torch.cat([s.labels for s in samples])[None]
-    for at in torch.tensor([0] + [len(s.input_ids) for s in samples[:-1]]).cumsum(0):
-        labels[0, at] = IGNORE  # never predicted from the previous sample's last token
-    return {"input_ids": torch.cat([s.input_ids for s in samples])[None], "labels": labels,
-            "position_ids": torch.cat([torch.arange(len(s.input_ids)) for s in samples])[None],
-            "pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
-
-
 class Collate:
     """Padded (baseline) or packed batch, plus the numbers the table needs."""
 
@@ -85,7 +68,8 @@ class Collate:
         self.packed, self.pad_id = packed, pad_id
 
     def __call__(self, samples):
-        batch = pack_row(samples, self.pad_id) if self.packed else collate(samples, self.pad_id)
+        batch = (pack(samples, self.pad_id, sum(len(s.input_ids) for s in samples)) if self.packed
+                 else collate(samples, self.pad_id))
         tiles = [pv.shape[0] for s in samples for pv in s.pixel_values]
         batch["meta"] = {
             "samples": len(samples),

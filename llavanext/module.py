@@ -30,6 +30,14 @@ class LlavaNextModule(L.LightningModule):
         self.max_steps = max_steps
         self.warmup_steps = warmup_steps
         self._step_started = None
+        self._sharded = False
+
+    def configure_model(self):
+        """strategy=fsdp shards the model here, once the process group exists (Lightning's FSDP2 hook)."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None and not self._sharded:
+            shard(self.model)
+            self._sharded = True
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -63,6 +71,12 @@ class LlavaNextModule(L.LightningModule):
             self.log("train/grad_norm", norm, batch_size=1)
         self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=1)
 
+    def fused(self) -> bool:
+        """The fused AdamW kernel, where Lightning allows it: on CUDA, and without gradient clipping (a
+        fused optimizer unscales gradients itself, so Lightning refuses to clip them under mixed precision)."""
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        return bool(self.optim.get("fused", False)) and torch.cuda.is_available() and not clipping
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for param in self.model.parameters():
@@ -71,7 +85,7 @@ class LlavaNextModule(L.LightningModule):
         o = self.optim
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=bool(o.get("fused", False)) and torch.cuda.is_available())
+            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=self.fused())
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_with_warmup(step, warmup=self.warmup_steps, total=self.max_steps,
                                                        lr=o.lr, min_lr=o.min_lr) / o.lr)

@@ -88,12 +88,17 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    folder = Path(run_dir) / CHECKPOINTS
-    last = folder / "last.ckpt"
-    if last.is_file() or is_sharded(last):
-        return last
-    steps = sorted((p for p in folder.glob("*.ckpt") if p.is_file() or is_sharded(p)), key=lambda p: p.stat().st_mtime)
-    return steps[-1] if steps else None
+    """The newest complete checkpoint of a run: `checkpoints/*.ckpt` (a file, or a folder when
+    sharded) or one Lightning wrote on Slurm's preemption signal (`hpc_ckpt_N.ckpt`).
+    Checkpoints are written under a `.tmp` name and renamed when complete, so a partial one never counts."""
+    run_dir = Path(run_dir)
+    found = [p for p in (*(run_dir / CHECKPOINTS).glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None  # a linked last.ckpt names its target
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint's folder (Lightning's FSDP format: shards + meta.pt)."""
+    return path.is_file() or (path / "meta.pt").is_file()
 
 
 def is_sharded(path: Path) -> bool:
@@ -104,7 +109,7 @@ def is_sharded(path: Path) -> bool:
 def resolve_checkpoint(source: str | Path) -> Path:
     """A checkpoint file or sharded checkpoint folder, or a run folder's last checkpoint."""
     path = Path(source)
-    if path.is_file() or is_sharded(path):
+    if is_checkpoint(path):
         return path
     if path.is_dir():
         found = last_checkpoint(path)
@@ -129,9 +134,14 @@ def read_weights(path: Path, like: dict) -> dict:
         return {k.removeprefix("model."): v for k, v in state.items()}
     import torch.distributed.checkpoint as dcp
 
-    saved = {fqn.removeprefix("model.model."): tuple(md.size)  # Lightning saves {"model": module.state_dict()}
-             for fqn, md in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
-             if fqn.startswith("model.model.") and hasattr(md, "size")}
+    fqns = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    # ModelParallelStrategy (FSDP2) saves {"state_dict": ...}, FSDPStrategy {"model": ...}; inside, the
+    # LightningModule's names: "model.<transformers name>"
+    top = next((t for t in ("state_dict", "model") if any(f.startswith(f"{t}.model.") for f in fqns)), None)
+    if top is None:
+        raise CheckpointError(f"{path} is a sharded checkpoint without model weights (no state_dict.model.*)")
+    prefix = f"{top}.model."
+    saved = {f.removeprefix(prefix): tuple(md.size) for f, md in fqns.items() if f.startswith(prefix) and hasattr(md, "size")}
     loadable = {k: v for k, v in like.items() if k in saved and tuple(v.shape) == saved[k]}
-    dcp.load({"model": {f"model.{k}": v for k, v in loadable.items()}}, checkpoint_id=path, no_dist=True)
+    dcp.load({top: {f"model.{k}": v for k, v in loadable.items()}}, checkpoint_id=path, no_dist=True)
     return {k: loadable[k] if k in loadable else torch.empty(shape, device="meta") for k, shape in saved.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -13,12 +14,15 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from llavanext import model as modeling
+from llavanext import plan as planning
 from llavanext import speed
 from llavanext.assemble import assemble
+from llavanext.checkpointing import AtomicCheckpointIO, RNGState
 from llavanext.data.datamodule import DataModule
 from llavanext.errors import ConfigError
 from llavanext.module import LlavaNextModule
-from llavanext.run import CHECKPOINTS, last_checkpoint, output_dir, write_run_files
+from llavanext.run import CHECKPOINTS, is_checkpoint, last_checkpoint, output_dir, write_run_files
+from llavanext.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 console = Console(stderr=False)
@@ -44,7 +48,7 @@ class LossPrinter(L.Callback):
         step = trainer.global_step
         if step == self.printed:  # gradient accumulation: several batches end on one step
             return
-        if self.every and (step % self.every == 0 or step == trainer.max_steps):
+        if trainer.is_global_zero and self.every and (step % self.every == 0 or step == trainer.max_steps):
             self.printed = step
             metrics = trainer.callback_metrics
             parts = [f"step {step:>5}/{trainer.max_steps}", f"loss {float(metrics['train/loss']):.4f}"]
@@ -52,6 +56,8 @@ class LossPrinter(L.Callback):
                 parts.append(f"lr {float(metrics['train/lr']):.2e}")
             if "train/tokens_per_s" in metrics:
                 parts.append(f"{float(metrics['train/tokens_per_s']):,.0f} tok/s")
+            if torch.cuda.is_available():
+                parts.append(f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
             parts.append(f"{time.perf_counter() - self.started:.0f}s")
             console.print("  ".join(parts), highlight=False)
 
@@ -63,13 +69,10 @@ def precision(name: str) -> str:
 
 
 def warmup_steps(cfg: DictConfig) -> int:
-    """The recipe's warmup, shortened to a tenth of the run when the run is shorter than it."""
-    steps, warmup = cfg.trainer.max_steps, cfg.optim.warmup_steps
-    if warmup >= steps:
-        short = max(1, steps // 10)
+    warmup = planning.warmup_steps(cfg)
+    if warmup != cfg.optim.warmup_steps:
         log.warning("optim.warmup_steps=%d is not shorter than trainer.max_steps=%d: warming up for %d",
-                    warmup, steps, short)
-        return short
+                    cfg.optim.warmup_steps, cfg.trainer.max_steps, warmup)
     return warmup
 
 
@@ -78,71 +81,110 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if not resume:
         return None
     if resume == "auto":
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
         found = last_checkpoint(run_dir)
-        if found is None:
-            console.print(f"resume=auto: no checkpoint in {run_dir}, starting from step 0")
-            return None
-        console.print(f"resume=auto: continuing from {found}")
-        return str(found)
-    if not Path(resume).is_file():
-        raise ConfigError(f"resume={resume!r}: no such checkpoint file (use resume=auto or a .ckpt path)")
+        if rank_zero_only.rank == 0:
+            console.print(f"resume=auto: continuing from {found}" if found else
+                          f"resume=auto: no checkpoint in {run_dir}, starting from step 0", soft_wrap=True)
+        return str(found) if found else None
+    if not is_checkpoint(Path(resume)):
+        raise ConfigError(f"resume={resume!r}: no such checkpoint (use resume=auto or a .ckpt path)")
     return resume
 
 
-def gradient_accumulation(cfg: DictConfig, world_size: int) -> int:
-    micro, global_batch = cfg.data.micro_batch_size, cfg.data.get("global_batch_size")
-    if not global_batch:
-        return 1
-    per_step = micro * world_size
-    if global_batch % per_step:
-        raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of micro_batch_size x world "
-                          f"size = {micro} x {world_size} = {per_step}")
-    return global_batch // per_step
-
-
 def run(cfg: DictConfig) -> Path:
+    """Where the run happens: here (`direct`, or a process a launcher started), or through a launcher."""
     quiet_lightning()
+    ex = cfg.executor
+    if ex.name != "direct" and not ex.launched:
+        from llavanext.executors import launch
+
+        return launch(cfg)
+    if ex.name == "direct" and planning.world_size(cfg) > 1:
+        raise ConfigError(f"executor=direct runs one process; for {planning.world_size(cfg)} devices use "
+                          "executor=local (torchrun on this node) or executor=slurm")
+    if ex.dry_run:
+        print_plan(cfg, with_config=True)
+        return output_dir(cfg)
+    return train(cfg)
+
+
+def print_plan(cfg: DictConfig, rows=None, with_config: bool = False) -> planning.Plan:
+    from omegaconf import OmegaConf
+
+    plan = planning.make_plan(cfg, rows)
+    if with_config:
+        console.print(OmegaConf.to_yaml(cfg, resolve=True), highlight=False, markup=False)
+    console.print(planning.render(plan))
+    return plan
+
+
+def train(cfg: DictConfig) -> Path:
     run_dir = output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    write_run_files(run_dir, cfg)
-    console.print(f"[bold]{cfg.command}[/] model={cfg.model.name} data={cfg.data.name} peft={cfg.peft.method}"
-                  f"  run folder: {run_dir}")
-
-    built = assemble(cfg, tokenizer_needed=cfg.data.source != "mock")
-    rows = modeling.part_table(built.model, cfg.parts)
-    console.print(modeling.render_part_table(rows))
-    modeling.check_trainable(rows)
-
-    data = DataModule(cfg.data, cfg.model, built.tokenizer, cfg.template, built.image_token_id, built.vocab_size)
-    module = LlavaNextModule(built.model, cfg.optim, cfg.trainer.max_steps, warmup_steps(cfg),
-                             loss_chunk=speed.loss_chunk(cfg.model))
     trainer = make_trainer(cfg, run_dir)
+    zero = trainer.is_global_zero
+    if zero:
+        write_run_files(run_dir, cfg)
+        console.print(f"[bold]{cfg.command}[/] model={cfg.model.name} data={cfg.data.name} peft={cfg.peft.method}"
+                      f"  run folder: {run_dir}")
+
+    with model_device(trainer):
+        built = assemble(cfg, tokenizer_needed=cfg.data.source != "mock")
+    rows = modeling.part_table(built.model, cfg.parts)
+    modeling.check_trainable(rows)
+    if zero:
+        print_plan(cfg, rows)
+
+    data = DataModule(cfg.data, cfg.model, built.tokenizer, cfg.template, built.image_token_id, built.vocab_size,
+                      seed=cfg.seed)
+    # FSDP2 gathers the root's weights (embeddings, LM head) only in the root module's forward,
+    # which the fused loss bypasses: sharded runs take transformers' loss
+    chunk = speed.loss_chunk(cfg.model) if cfg.strategy.name != "fsdp" else None
+    module = LlavaNextModule(built.model, cfg.optim, cfg.trainer.max_steps, warmup_steps(cfg), loss_chunk=chunk)
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, run_dir))
-    console.print(f"done: {trainer.global_step} steps, checkpoints in {run_dir / CHECKPOINTS}")
+    if zero:
+        console.print(f"done: {trainer.global_step} steps, checkpoints in {run_dir / CHECKPOINTS}")
     return run_dir
+
+
+def model_device(trainer: L.Trainer):
+    """Build the weights straight on this rank's GPU (a 7B in float32 is 28 GB of host memory per rank)."""
+    device = trainer.strategy.root_device
+    return torch.device(device) if device.type == "cuda" else nullcontext()
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     t = cfg.trainer
-    callbacks = [
-        ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step-{step}", save_last=True,
-                        every_n_train_steps=t.checkpoint_every, save_top_k=-1, auto_insert_metric_name=False),
-        LossPrinter(t.print_every),
-    ]
+    callbacks = [LossPrinter(t.print_every), RNGState()]
+    if t.checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINTS, filename="step-{step}", save_last=True,
+                                         every_n_train_steps=t.checkpoint_every, save_top_k=-1,
+                                         auto_insert_metric_name=False))
     if t.progress_bar == "rich":
         callbacks.append(RichProgressBar())
+    metrics = run_dir / "logs" / "metrics.csv"
+    if metrics.exists() and rank_zero_only.rank == 0:
+        # a resumed run: Lightning's CSVLogger would delete the earlier part of the curve
+        metrics.rename(metrics.with_name(f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.csv"))
     loggers = [TensorBoardLogger(run_dir, name="logs", version=""), CSVLogger(run_dir, name="logs", version="")]
     has_val = cfg.data.source != "mock" and t.val_check_interval
     return L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
-        devices=t.devices,
+        devices=cfg.executor.devices,
+        num_nodes=cfg.executor.nodes,
+        strategy=make_strategy(cfg, precision(t.precision)),
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the datamodule's ResumableSampler shards by rank itself
         precision=precision(t.precision),
         gradient_clip_val=t.gradient_clip_val,
-        accumulate_grad_batches=gradient_accumulation(cfg, 1),
+        accumulate_grad_batches=planning.gradient_accumulation(cfg, planning.world_size(cfg)),
         log_every_n_steps=t.log_every_n_steps,
         val_check_interval=min(t.val_check_interval, t.max_steps) if has_val else None,
         check_val_every_n_epoch=None,
@@ -151,6 +193,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=t.progress_bar == "rich",
         enable_model_summary=False,
         callbacks=callbacks,
+        enable_checkpointing=bool(t.checkpoint_every),
         logger=loggers,
         default_root_dir=run_dir,
         deterministic=t.deterministic,

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 from datakit import encoder, image, model_cfg, tokenizer
-from llavanext.cli.overrides import compose
 from omegaconf import OmegaConf
 
+from llavanext.cli.overrides import compose
 from llavanext.data import check
 from llavanext.data.datamodule import DataModule
 from llavanext.data.sources import LlavaJsonDataset, read_records

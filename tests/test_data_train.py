@@ -2,6 +2,7 @@
 
 import pytest
 from datakit import toy_records, write_llava
+
 from llavanext.cli.overrides import compose
 
 

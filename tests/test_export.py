@@ -197,3 +197,29 @@ def test_stage1_from_two_store_entries_trains_and_exports(tmp_path):
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == 300
     exported = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
     assert (hf_logits(exported, inputs) - our_logits(run_dir, inputs)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_export_of_a_real_fsdp2_run_matches_torch_consolidation(tmp_path):
+    """strategy=fsdp on two CPU processes writes sharded folders; the export holds exactly their weights."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForImageTextToText
+
+    run_dir = tmp_path / "run"
+    args = ["finetune", "executor=local", "executor.devices=2", "strategy=fsdp", *TRAIN, "trainer.max_steps=2",
+            "trainer.checkpoint_every=2", "model.tokenizer=demo", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run([sys.executable, "-m", "llavanext", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (run_dir / "checkpoints" / "last.ckpt" / ".metadata").is_file()
+
+    out = do_export(run_dir, tmp_path / "out")
+    dcp_to_torch_save(run_dir / "checkpoints" / "last.ckpt", tmp_path / "whole.pt")
+    whole = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "whole.pt")["state_dict"].items()}
+    exported = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).state_dict()
+    assert exported.keys() == whole.keys()
+    assert all(torch.equal(exported[k], v) for k, v in whole.items())

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import torch
-from llavanext.cli.overrides import compose
 from PIL import Image
 
 from llavanext.assemble import assemble
+from llavanext.cli.overrides import compose
 from llavanext.decoding import Decoder, Sampling
 from llavanext.errors import CheckpointError, ConfigError, DataError
 from llavanext.generate import Request, load, run

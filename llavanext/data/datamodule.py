@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from llavanext.data.encoder import Encoded, TaskEncoder, collate, pack, stats
+from llavanext.data.sampler import ResumableSampler
 from llavanext.data.sources import (
     HFDataset,
     HFStream,
@@ -103,7 +104,7 @@ class BadData:
 
 class DataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig, model_cfg: DictConfig, tokenizer, template: str,
-                 image_token_id: int, vocab_size: int):
+                 image_token_id: int, vocab_size: int, seed: int = 0):
         super().__init__()
         if cfg.source not in SOURCES:
             raise ConfigError(f"data.source={cfg.source!r}; choose from {', '.join(SOURCES)}")
@@ -123,6 +124,8 @@ class DataModule(L.LightningDataModule):
         self.counters = BadData(cfg.on_bad_sample, cfg.get("max_bad_fraction", 0.01))
         self.energon_loader = None
         self.pending_energon_state = None
+        self.seed = seed
+        self.position = None  # the training sampler's state from a checkpoint
 
     # -- building the sources -----------------------------------------------------------------
     def build(self, cfg: DictConfig, split: str):
@@ -179,10 +182,32 @@ class DataModule(L.LightningDataModule):
     def loader(self, dataset, shuffle: bool):
         """The one place a map-style or iterable dataset becomes a DataLoader (the sampler plugs in here)."""
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        sampler = None
+        if not iterable:  # seeded, sharded by rank, resumable mid-epoch (Lightning's own sampler is off)
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            sampler = ResumableSampler(len(dataset), seed=self.seed, rank=rank, world_size=world, shuffle=shuffle)
+            if shuffle and self.position:
+                sampler.load_state_dict(self.position)
         return torch.utils.data.DataLoader(
-            dataset if iterable else Guard(dataset), batch_size=self.cfg.micro_batch_size,
-            shuffle=shuffle and not iterable, num_workers=self.cfg.num_workers, collate_fn=self.batcher,
-            persistent_workers=self.cfg.num_workers > 0, drop_last=shuffle)
+            dataset if iterable else Guard(dataset), batch_size=self.cfg.micro_batch_size, sampler=sampler,
+            num_workers=self.cfg.num_workers, collate_fn=self.batcher,
+            persistent_workers=self.cfg.num_workers > 0, drop_last=shuffle,
+            generator=torch.Generator().manual_seed(self.seed))  # leaves the global RNG to the model
+
+    def state_dict(self):
+        """The data position of map-style sources, stored by Lightning in every checkpoint.
+
+        Lightning resumes its batch count at the batches it had processed in this epoch when the
+        checkpoint was written; the sampler skips exactly the samples those batches held.
+        """
+        if self.trainer is None:
+            return {}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"seed": self.seed, "epoch": self.trainer.current_epoch,
+                "consumed": batches * self.cfg.micro_batch_size * self.trainer.world_size}
+
+    def load_state_dict(self, state):
+        self.position = state or None
 
     def train_dataloader(self):
         if self.cfg.source == "energon":

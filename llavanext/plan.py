@@ -1,0 +1,144 @@
+"""The plan printed before a run (and alone with `executor.dry_run=true`): where it runs, how the
+batch splits, how long it trains, what trains, and how much GPU memory each device should need.
+
+The memory figure is an estimate from parameter counts and the usual activation formulas
+(Korthikanti et al. 2022, flash attention, 16-bit activations); the measured figures for the
+7B sit beside it in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from llavanext import model as modeling
+from llavanext.errors import ConfigError
+
+GiB = 1024**3
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def world_size(cfg: DictConfig) -> int:
+    return cfg.executor.nodes * cfg.executor.devices
+
+
+def gradient_accumulation(cfg: DictConfig, world: int) -> int:
+    """Micro-batches per optimizer step: the user sets the global batch, accumulation follows."""
+    micro, global_batch = cfg.data.micro_batch_size, cfg.data.get("global_batch_size")
+    if not global_batch:
+        return 1
+    per_step = micro * world
+    if global_batch % per_step:
+        raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of micro_batch_size x world "
+                          f"size = {micro} x {world} = {per_step} (world size = executor.nodes x executor.devices)")
+    return global_batch // per_step
+
+
+def warmup_steps(cfg: DictConfig) -> int:
+    """The recipe's warmup, shortened to a tenth of the run when the run is shorter than it."""
+    steps, warmup = cfg.trainer.max_steps, cfg.optim.warmup_steps
+    return max(1, steps // 10) if warmup >= steps else warmup
+
+
+def meta_part_rows(cfg: DictConfig) -> list[modeling.PartRow]:
+    """The per-part parameter table without allocating the weights (the model built on the meta device)."""
+    config = modeling.hf_config(cfg.model)
+    with torch.device("meta"):
+        model = modeling.build_model(cfg.model, config)
+        model = modeling.apply_parts(model, cfg.parts, cfg.peft)
+    return modeling.part_table(model, cfg.parts)
+
+
+@dataclass
+class Plan:
+    executor: str
+    strategy: str
+    nodes: int
+    devices: int
+    world: int
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    steps: int
+    warmup: int
+    tokens_per_step: int
+    rows: list
+    memory: dict = field(default_factory=dict)  # part of the estimate -> bytes per device
+
+    @property
+    def memory_total(self) -> int:
+        return sum(self.memory.values())
+
+
+def activation_bytes(cfg: DictConfig, checkpointing: bool) -> int:
+    """Activations kept for backward by one micro-batch: 16-bit, flash attention (no s^2 term)."""
+    text = cfg.model.text
+    tokens = cfg.data.micro_batch_size * cfg.data.seq_length
+    per_layer = 34 * tokens * text.hidden_size  # bytes, Korthikanti et al. (2022), eq. 1 without attention scores
+    if checkpointing:  # each layer's input, plus one layer recomputed during backward
+        kept = 2 * tokens * text.hidden_size * text.num_hidden_layers + per_layer
+    else:
+        kept = per_layer * text.num_hidden_layers
+    logits = tokens * text.vocab_size * (2 + 4 + 4)  # 16-bit logits, float32 for the loss, and its gradient
+    if cfg.parts.vision_tower != "frozen":
+        vision = cfg.model.vision
+        tile = vision.image_size
+        tiles = max(h * w for h, w in cfg.model.image_grid_pinpoints) // (tile * tile) + 1
+        vision_tokens = cfg.data.micro_batch_size * tiles * (tile // vision.patch_size) ** 2
+        kept += 34 * vision_tokens * vision.hidden_size * (1 if checkpointing else vision.num_hidden_layers)
+    return kept + logits
+
+
+def make_plan(cfg: DictConfig, rows: list[modeling.PartRow] | None = None) -> Plan:
+    ex = cfg.executor
+    world = world_size(cfg)
+    accumulation = gradient_accumulation(cfg, world)
+    micro = cfg.data.micro_batch_size
+    global_batch = micro * world * accumulation
+    rows = rows if rows is not None else meta_part_rows(cfg)
+    total = sum(r.params for r in rows)
+    trainable = sum(r.trainable for r in rows)
+
+    # on the GPU a model of dtype auto is bf16; its trainable weights get gradients and two AdamW moments alike
+    width = DTYPE_BYTES[torch.bfloat16 if cfg.model.dtype == "auto" else modeling.torch_dtype(cfg.model.dtype)]
+    sharded = cfg.strategy.name == "fsdp"
+    shards = world if sharded else 1
+    checkpointing = cfg.model.get("gradient_checkpointing", False)
+    memory = {
+        "weights": total * width // shards,
+        "gradients": trainable * width // shards,
+        "AdamW moments": 2 * trainable * width // shards,
+        "activations (1 micro-batch)": activation_bytes(cfg, checkpointing),
+    }
+    if sharded:  # one transformer block gathered whole for forward and one prefetched
+        text = cfg.model.text
+        block = 4 * text.hidden_size**2 + 3 * text.hidden_size * text.intermediate_size
+        memory["FSDP gathered blocks"] = 2 * block * width
+    return Plan(executor=ex.name, strategy=cfg.strategy.name, nodes=ex.nodes, devices=ex.devices, world=world,
+                micro_batch=micro, accumulation=accumulation, global_batch=global_batch,
+                steps=cfg.trainer.max_steps, warmup=warmup_steps(cfg),
+                tokens_per_step=global_batch * cfg.data.seq_length, rows=rows, memory=memory)
+
+
+def size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def render(plan: Plan):
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title="Plan", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("executor", f"{plan.executor}: {plan.nodes} node(s) x {plan.devices} device(s) = "
+                              f"world size {plan.world}, strategy {plan.strategy}")
+    table.add_row("batch", f"micro {plan.micro_batch} x world {plan.world} x accumulation {plan.accumulation}"
+                           f" = global {plan.global_batch} sequences per step")
+    table.add_row("steps", f"{plan.steps:,} (warmup {plan.warmup:,})")
+    table.add_row("tokens per step", f"at most {plan.tokens_per_step:,} (global batch x data.seq_length)")
+    memory = ", ".join(f"{name} {size(value)}" for name, value in plan.memory.items())
+    table.add_row("GPU memory/device", f"~{size(plan.memory_total)} estimated ({memory})")
+    return Group(modeling.render_part_table(plan.rows), table)
