@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,26 +144,12 @@ class FolderPrompts:
 # Checkpoints: where a name points, and the model + prompts it holds
 
 
-def from_store(name: str) -> Path | None:
-    """A model in the local store, `$LLAVANEXT_HOME/models/<org>/<name>/` (a HF folder)."""
-    try:
-        from llavanext import store
-    except ImportError:  # until the store lands: its folder layout
-        home = Path(os.environ.get("LLAVANEXT_HOME", "~/.cache/llavanext")).expanduser()
-        path = home / "models" / name
-        return path if path.is_dir() else None
-    return store.resolve(name)
-
-
 def locate(checkpoint: str) -> Path:
+    """A file or folder as given, else a store name or `hf://` reference through the store."""
+    from llavanext import store
+
     path = Path(checkpoint).expanduser()
-    if path.exists():
-        return path
-    found = from_store(checkpoint)
-    if found is None:
-        raise CheckpointError(f"checkpoint={checkpoint}: no such file or folder, and no model of that name "
-                              "in the store ($LLAVANEXT_HOME/models)")
-    return Path(found)
+    return path if path.exists() else store.resolve(checkpoint)
 
 
 def pick_device(device: str) -> torch.device:
