@@ -9,6 +9,7 @@ The parts of transformers' `LlavaNextForConditionalGeneration`:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,8 @@ def build_model(model_cfg: DictConfig, config: LlavaNextConfig,
     """
     attn = model_cfg.get("attn_implementation", "sdpa")
     config._attn_implementation = "sdpa" if attn == PACKED_ATTENTION else attn  # speed.apply sets packed
-    with torch.device(device or "cpu"):
+    # no device: the caller's default device (e.g. `with torch.device("meta")` for the plan)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = LlavaNextForConditionalGeneration(config)
     model.to(torch_dtype(model_cfg.get("dtype", "auto")))
     return model

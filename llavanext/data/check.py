@@ -23,7 +23,14 @@ from rich.table import Table
 from rich.text import Text
 
 from llavanext.data.encoder import IGNORE, TaskEncoder, tile_count
-from llavanext.data.sources import BAD, image_paths, load_hf, raw_images, read_records, record_id
+from llavanext.data.sources import (
+    image_paths,
+    llava_conversations,
+    load_hf,
+    raw_images,
+    read_records,
+    record_id,
+)
 from llavanext.data.templates import get_template
 from llavanext.errors import ConfigError, DataError
 
@@ -87,13 +94,7 @@ def init_worker(encoder, kind, source, root, decode):
 def record_parts(kind: str, item, index: int, root: Path, decode: bool):
     """(conversations, image sizes) of a LLaVA record or a `datasets` row; DataError when unusable."""
     if kind == "llava_json":
-        if not isinstance(item, dict):
-            raise DataError("record is not a JSON object")
-        if BAD in item:
-            raise DataError(item[BAD])
-        if "conversations" not in item:
-            raise DataError("no 'conversations'")
-        return item["conversations"], [image_size(root / rel, str(root / rel), decode) for rel in image_paths(item)]
+        return llava_conversations(item), [image_size(root / rel, str(root / rel), decode) for rel in image_paths(item)]
     conversations = item.get("messages", item.get("conversations"))
     if conversations is None:
         raise DataError("no 'messages' or 'conversations' column")

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.console import Console
 
-from llavanext.data.sources import BAD, image_paths, read_records, record_id
+from llavanext.data.sources import image_paths, llava_conversations, read_records, record_id
 from llavanext.errors import ConfigError, DataError
 
 console = Console()
@@ -36,12 +36,7 @@ def record_members(record, index: int, image_root: Path) -> list[tuple[str, byte
     """The members of one record's sample (without the key), or DataError why it cannot be written."""
     from PIL import Image
 
-    if not isinstance(record, dict):
-        raise DataError("record is not a JSON object")
-    if BAD in record:
-        raise DataError(record[BAD])
-    if "conversations" not in record:
-        raise DataError("no 'conversations'")
+    llava_conversations(record)
     members, names = [], []
     for n, rel in enumerate(image_paths(record)):
         path = image_root / rel

@@ -76,6 +76,17 @@ def record_id(record, index) -> str:
     return str(record.get("id", index)) if isinstance(record, dict) else str(index)
 
 
+def llava_conversations(record) -> list:
+    """A LLaVA record's conversation turns, or DataError naming what makes the record unusable."""
+    if not isinstance(record, dict):
+        raise DataError("record is not a JSON object")
+    if BAD in record:
+        raise DataError(record[BAD])
+    if "conversations" not in record:
+        raise DataError("no 'conversations'")
+    return record["conversations"]
+
+
 class LlavaJsonDataset(torch.utils.data.Dataset):
     """LLaVA's format: `{id, image, conversations: [{from, value}]}`, images relative to `image_root`."""
 
@@ -94,13 +105,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def __getitem__(self, index) -> Encoded:
         record = self.records[index]
         try:
-            if not isinstance(record, dict):
-                raise DataError("record is not a JSON object")
-            if BAD in record:
-                raise DataError(record[BAD])
-            if "conversations" not in record:
-                raise DataError("no 'conversations'")
-            return self.encoder.encode(record["conversations"], self.load_images(record))
+            return self.encoder.encode(llava_conversations(record), self.load_images(record))
         except DataError as e:
             raise DataError(f"{self.source} record {record_id(record, index)!r}: {e}") from None
 
