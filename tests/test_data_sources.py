@@ -130,3 +130,24 @@ def test_datamodule_packs_llava_json(toy):
     assert batch["input_ids"].shape[0] == 1 and int((batch["position_ids"] == 0).sum()) == 4
     assert dm.counters.seen == 4 and dm.counters.bad == 0
     assert isinstance(dm.loader(dm.train_set, shuffle=False).dataset, Guard)
+
+
+def test_a_resumed_energon_run_reads_the_next_unseen_batch(prepared, tmp_path):
+    """Through Lightning's checkpoints: resumed steps see the batches the unbroken run saw (no
+    restart from the first sample, no batch skipped by Lightning's fetch-ahead)."""
+    from test_resume import losses
+
+    from conftest import compose
+    from llavanext import train
+
+    common = ["data=energon", f"data.path={prepared}", "data.num_workers=0", "data.micro_batch_size=1",
+              "data.shuffle_buffer_size=null", "data.max_samples_per_sequence=null", "data.val=false",
+              "trainer.progress_bar=none", "trainer.print_every=0", "trainer.log_every_n_steps=1",
+              "trainer.checkpoint_every=3", "optim.warmup_steps=1", "optim.lr=1e-3", "optim.min_lr=1e-3"]
+    unbroken = train.run(compose("finetune", [*common, "trainer.max_steps=7"], run_dir=tmp_path / "unbroken"))
+    broken = tmp_path / "broken"
+    train.run(compose("finetune", [*common, "trainer.max_steps=3"], run_dir=broken))
+    train.run(compose("finetune", [*common, "trainer.max_steps=7", "resume=auto"], run_dir=broken))
+    expected, got = losses(unbroken), losses(broken)
+    assert sorted(got) == list(range(1, 8))
+    assert [got[s] for s in range(4, 8)] == pytest.approx([expected[s] for s in range(4, 8)], abs=1e-6)

@@ -10,6 +10,7 @@ the next good record and carries the bad record's id, file and reason along in t
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -200,23 +201,35 @@ class DataModule(L.LightningDataModule):
         Lightning resumes its batch count at the batches it had processed in this epoch when the
         checkpoint was written; the sampler skips exactly the samples those batches held.
         """
+        if self.cfg.source == "energon":
+            return self.energon_checkpoint_state()
         if self.trainer is None:
             return {}
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        batches = self.trained_batches()
         return {"seed": self.seed, "epoch": self.trainer.current_epoch,
                 "consumed": batches * self.cfg.micro_batch_size * self.trainer.world_size}
 
     def load_state_dict(self, state):
+        if self.cfg.source == "energon":
+            self.restore_energon_checkpoint_state(state)
+            return
         self.position = state or None
+
+    def trained_batches(self) -> int:
+        """Batches Lightning has trained on in this epoch (restored from the checkpoint on resume)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self):
         if self.cfg.source == "energon":
-            from llavanext.data.energon import energon_loader
+            from llavanext.data.energon import PositionedLoader, energon_loader
 
-            self.energon_loader = energon_loader(self.cfg, self.encoder, self.batcher, "train")
+            loader = energon_loader(self.cfg, self.encoder, self.batcher, "train")
             if self.pending_energon_state is not None:
-                self.energon_loader.restore_state_rank(self.pending_energon_state)
+                loader.restore_state_rank(self.pending_energon_state)
                 self.pending_energon_state = None
+            self.energon_loader = PositionedLoader(loader, start=self.trained_batches())
             return self.energon_loader
         return self.loader(self.train_set, shuffle=True)
 
@@ -241,8 +254,32 @@ class DataModule(L.LightningDataModule):
 
     # -- energon's data position (the lead wires these into state_dict/load_state_dict) -------
     def energon_state(self):
-        """This rank's energon loader position (save with torch.save; load with weights_only=False)."""
-        return self.energon_loader.save_state_rank() if self.energon_loader is not None else None
+        """This rank's energon loader position after the batches trained so far."""
+        if self.energon_loader is None:
+            return None
+        return self.energon_loader.position(self.trained_batches() if self.trainer is not None else None)
+
+    def energon_checkpoint_state(self) -> dict:
+        """Every rank's energon position, gathered, as bytes in a tensor: checkpoints load with
+        weights_only=True, which takes tensors but not energon's state classes."""
+        mine = self.energon_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, mine)
+        else:
+            states = [mine]
+        return {"energon_positions": torch.frombuffer(bytearray(pickle.dumps(states)), dtype=torch.uint8)}
+
+    def restore_energon_checkpoint_state(self, state: dict) -> None:
+        if not state or "energon_positions" not in state:
+            return
+        # our own checkpoint's data position, written by energon_checkpoint_state
+        states = pickle.loads(state["energon_positions"].numpy().tobytes())
+        rank, world = distributed_rank()
+        if len(states) != world:
+            raise DataError(f"the checkpoint holds the energon position of {len(states)} rank(s) but this run has "
+                            f"{world}: resume with the same world size")
+        self.restore_energon_state(states[rank])
 
     def restore_energon_state(self, state) -> None:
         """Continue from a saved position: applied when the train loader is (re)built, before iteration."""

@@ -123,3 +123,37 @@ def energon_loader(cfg: DictConfig, encoder: TaskEncoder, batcher, split: str):
     else:
         ds = get_val_dataset(cfg.path, split_part="val", **common)
     return get_savable_loader(ds)
+
+
+class PositionedLoader:
+    """energon's savable loader, remembering its position before each batch it hands out.
+
+    Lightning fetches a batch ahead of the one it trains on (this loader has no length, energon's
+    being an estimate), so the loader's own position at checkpoint time is a batch too far: `position(trained)` gives the position after exactly
+    `trained` batches (the count Lightning stores), so a resumed run reads the next unseen batch.
+    """
+
+    KEEP = 8  # positions remembered: Lightning is at most a batch or two ahead
+
+    def __init__(self, loader, start: int = 0):
+        self.loader = loader
+        self.handed_out = start
+        self.before: dict[int, object] = {}
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            position = self.loader.save_state_rank()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.before[self.handed_out] = position
+            self.before.pop(self.handed_out - self.KEEP, None)
+            self.handed_out += 1
+            yield batch
+
+    def position(self, trained: int | None = None):
+        if trained is not None and trained in self.before:
+            return self.before[trained]
+        return self.loader.save_state_rank()
