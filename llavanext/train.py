@@ -68,6 +68,16 @@ def precision(name: str) -> str:
     return name
 
 
+def check_precision(cfg: DictConfig) -> None:
+    """LoRA under autocast (model.lora_autocast) needs autocast when the base weights are 16-bit:
+    without it the fp32 adapters meet bf16 activations deep inside the first layer."""
+    mixed = precision(cfg.trainer.precision).endswith("-mixed")
+    sixteen_bit = cfg.model.get("dtype", "float32") not in ("float32", "fp32", "auto")
+    if cfg.peft.method == "lora" and cfg.model.get("lora_autocast", False) and sixteen_bit and not mixed:
+        raise ConfigError(f"peft=lora with model.dtype={cfg.model.dtype} needs autocast: set "
+                          "trainer.precision=bf16-mixed (or model.lora_autocast=false, or model.dtype=float32)")
+
+
 def warmup_steps(cfg: DictConfig) -> int:
     warmup = planning.warmup_steps(cfg)
     if warmup != cfg.optim.warmup_steps:
@@ -121,6 +131,7 @@ def print_plan(cfg: DictConfig, rows=None, with_config: bool = False) -> plannin
 
 
 def train(cfg: DictConfig) -> Path:
+    check_precision(cfg)
     run_dir = output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = make_trainer(cfg, run_dir)

@@ -123,3 +123,11 @@ def test_run_folder_has_config_manifest_logs(tmp_path):
     assert manifest["seed"] == 1234 and "torch" in manifest["versions"] and manifest["command"] == "pretrain"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "metrics.csv").is_file()
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+
+
+def test_lora_on_16_bit_weights_without_autocast_is_refused_before_building(tmp_path):
+    cfg = compose("finetune", ["peft=lora", "model.dtype=bfloat16", "trainer.precision=32-true"],
+                  run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
+        train.run(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
