@@ -49,16 +49,22 @@ CHAIN = [
     ("+ vision tower to layer -2", {"vision"}),
     ("+ assistant-only fused CE", {"vision", "fused"}),
     ("+ LoRA under autocast", {"vision", "fused", "autocast"}),
-    ("+ packing, per-sample SDPA", {"vision", "fused", "autocast", "pack"}),
+    ("+ packing, varlen attention", {"vision", "fused", "autocast", "pack"}),
     ("+ compiled decoder layers", {"vision", "fused", "autocast", "pack", "compile"}),
 ]
 OURS = CHAIN[-1][1]
 EAGER = CHAIN[-2][1]  # extras build on ours without compile: each would cost a recompile
-EXTRAS = [  # not in ours; compare with the row before `+ compiled decoder layers`
-    ("  (no compile) LoRA dropout 0, recipe 0.05", EAGER | {"dropout0"}),
-    ("  (no compile) checkpoint 16 of 32 layers", EAGER | {"ckpt_half"}),
-    ("  (no compile) checkpoint every layer", EAGER | {"ckpt_all"}),
+EXTRAS = [  # (case, row, levers): not in ours; "(no compile)" rows compare with the row before compile
+    ("worst", "  (no compile) LoRA dropout 0, recipe 0.05", EAGER | {"dropout0"}),
+    ("worst", "  (no compile) checkpoint 16 of 32 layers", EAGER | {"ckpt_half"}),
+    ("worst", "  (no compile) checkpoint every layer", EAGER | {"ckpt_all"}),
+    ("mixed", "  (no compile) packing, per-sample SDPA", EAGER | {"per_sample"}),
+    # the loss comparison without dropout on either side: what is left is bf16 rounding
+    ("worst", "baseline, LoRA dropout 0", {"dropout0"}),
+    ("worst", "ours, LoRA dropout 0", OURS | {"dropout0"}),
 ]
+QUALITY = [("baseline", CHAIN[-1][0]), ("baseline, LoRA dropout 0", "ours, LoRA dropout 0")]
+FLASH_VARLEN = speed.FLASH_VARLEN
 
 
 class Collate:
@@ -125,6 +131,7 @@ class Levers:
             speed.truncate_vision_tower(model)
         speed.lora_autocast(model, "autocast" in on)
         speed.set_language_attention(model, speed.PACKED_ATTENTION if "pack" in on else "sdpa")
+        speed.FLASH_VARLEN = None if "per_sample" in on else FLASH_VARLEN
         for name, module in model.named_modules():
             if name in self.dropouts:
                 for key, drop in self.dropouts[name].items():
@@ -236,15 +243,17 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def quality(results, case) -> str:
-    base = next((r for r in results if r["case"] == case and r["row"] == "baseline" and "error" not in r), None)
-    ours = next((r for r in results if r["case"] == case and r["row"] == CHAIN[-1][0] and "error" not in r), None)
+def quality(results, case, base_row, ours_row) -> str | None:
+    base = next((r for r in results if r["case"] == case and r["row"] == base_row and "error" not in r), None)
+    ours = next((r for r in results if r["case"] == case and r["row"] == ours_row and "error" not in r), None)
     if not base or not ours:
-        return f"{case}: no loss comparison (a run is missing)"
+        return None
     pairs = list(zip(base["losses"], ours["losses"]))
-    diffs = [abs(a - b) for a, b in pairs]
-    lines = [f"{case}: loss, baseline vs ours, same weights and batches ({len(pairs)} steps); "
-             f"max |diff| {max(diffs):.4f}, mean |diff| {statistics.mean(diffs):.4f}, "
+    diffs = [b - a for a, b in pairs]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    lines = [f"{case}: loss, {base_row!r} vs {ours_row!r}, same weights and batches ({len(pairs)} steps); "
+             f"difference mean {statistics.mean(diffs):+.4f} sd {sd:.4f}; "
+             f"max |diff| {max(map(abs, diffs)):.4f}, "
              f"first {pairs[0][0]:.4f}/{pairs[0][1]:.4f}, last {pairs[-1][0]:.4f}/{pairs[-1][1]:.4f}"]
     lines += [f"  step {i:>3}  {a:.4f}  {b:.4f}  {b - a:+.4f}" for i, (a, b) in enumerate(pairs)]
     return "\n".join(lines)
@@ -332,17 +341,19 @@ def main(argv=None):
     plan = []  # (priority order) baseline and ours of each case first, then one lever at a time
     for case in cases:
         plan += [(case, CHAIN[0]), (case, CHAIN[-1])]
+    quality_extras = [(case, row, on) for case, row, on in EXTRAS if any(row in pair for pair in QUALITY)]
+    plan += [(case, (row, on)) for case, row, on in quality_extras if case in cases]
     for case in cases:
         plan += [(case, row) for row in CHAIN[1:-1] if not (case == "worst" and "pack" in row[1])]
     if args.extras:
-        plan += [("worst", row) for row in EXTRAS if "worst" in cases]
+        plan += [(case, (row, on)) for case, row, on in EXTRAS if case in cases and (case, row, on) not in quality_extras]
     micro = {case: spec["micro_batch"][0] for case, spec in cases.items()}
     results = []
     for case, (row, on) in plan:
         if time.perf_counter() - t0 > args.budget_s:
             results.append({"case": case, "row": row, "error": "skipped (time budget)"})
             continue
-        quality_row = row in ("baseline", CHAIN[-1][0])
+        quality_row = any(row in pair for pair in QUALITY)
         steps = args.quality_steps if quality_row else args.steps
         while True:
             try:
@@ -379,9 +390,9 @@ def main(argv=None):
             except Exception:
                 traceback.print_exc()
 
-    order = {row: i for i, (row, _) in enumerate(CHAIN + EXTRAS)}
+    order = {row: i for i, row in enumerate([row for row, _ in CHAIN] + [row for _, row, _ in EXTRAS])}
     results.sort(key=lambda r: (list(cases).index(r["case"]), order[r["row"]]))
-    report = [quality(results, case) for case in cases]
+    report = [q for case in cases for pair in QUALITY if (q := quality(results, case, *pair))]
     report += ["", f"device: {name}  model: {args.model}  compile: {compile}  (tok/s: real tokens, no padding; "
                f"MFU vs {PEAK_TFLOPS:.0f} TFLOP/s; x base: tok/s over the baseline's on the same steps)", table(results)]
     text = "\n".join(report)

@@ -46,7 +46,7 @@ class LlavaNextModule(L.LightningModule):
         """transformers' loss; with `loss_chunk`, through the assistant-only chunked head (same value)."""
         if self.loss_chunk:
             return speed.assistant_loss(self.model, batch, self.loss_chunk)
-        return self.model(**batch, use_cache=False).loss
+        return self.model(**batch, **speed.packed_inputs(self.model, batch), use_cache=False).loss
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
@@ -61,7 +61,7 @@ class LlavaNextModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        out = self.model(**batch, use_cache=False)
+        out = self.model(**batch, **speed.packed_inputs(self.model, batch), use_cache=False)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer):

@@ -4,14 +4,16 @@
   vision_truncate      run the vision tower only up to `vision_feature_layer` (no autograd when frozen)
   loss_chunk           loss on assistant positions only, through a chunked linear cross-entropy
                        that never holds the full (tokens x vocab) logits
-  attn_implementation  `sdpa_packed`: packed rows attend per sample with SDPA's causal kernels
-                       instead of a dense block-causal mask
+  attn_implementation  `sdpa_packed`: packed rows attend per sample (one varlen flash call on a GPU,
+                       SDPA per sample elsewhere) instead of through a dense block-causal mask
   lora_autocast        LoRA matmuls in the autocast dtype (fp32 adapter weights stay the master copy)
   gradient_checkpointing  recompute activations of some decoder layers (true: all, N: N of them)
   compile              torch.compile each decoder layer (CUDA)
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from omegaconf import DictConfig
@@ -135,11 +137,7 @@ def assistant_loss(model: torch.nn.Module, batch: dict, chunk: int = 4096) -> to
     going through the LM head."""
     hf = unwrap(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if hf.config.text_config._attn_implementation == PACKED_ATTENTION and "attention_mask" not in batch:
-        # sample boundaries read once here (one sync), on the CPU for every layer's attention
-        bounds = segment_bounds(batch.get("position_ids"), None, batch["input_ids"].shape[1])
-        inputs["cu_seq_lens_q"] = torch.tensor(bounds, dtype=torch.int32)
-    hidden = hf.model(**inputs, use_cache=False).last_hidden_state
+    hidden = hf.model(**inputs, **packed_inputs(model, batch), use_cache=False).last_hidden_state
     labels = batch["labels"]
     keep = labels[:, 1:] != IGNORE
     rows = hidden[:, :-1][keep]
@@ -160,26 +158,81 @@ def segment_bounds(position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor 
     return [*starts, length] if starts and starts[0] == 0 else [0, *starts, length]
 
 
-@torch.compiler.disable
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          position_ids=None, cu_seq_lens_q=None, **kwargs):
-    """SDPA, causal within each sample of a packed row (batch 1, attention_mask None).
+def packed_inputs(model: torch.nn.Module, batch: dict) -> dict:
+    """The sample boundaries of a packed row, read once a step (one sync) for every layer's attention:
+    `cu_seq_lens_q` on the batch's device and `max_length_q`. Empty for padded batches."""
+    hf = unwrap(model)
+    if hf.config.text_config._attn_implementation != PACKED_ATTENTION or "attention_mask" in batch:
+        return {}
+    ids = batch["input_ids"]
+    bounds = segment_bounds(batch.get("position_ids"), None, ids.shape[1])
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    return {"cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32, device=ids.device),
+            "max_length_q": max(lengths)}
 
-    Each sample runs through SDPA's causal (flash) kernel on its own, so no work is spent on the
-    blocks a block-causal mask would discard. Padded batches fall through to transformers' SDPA.
-    """
+
+def _flash_varlen():
+    """torch's varlen flash attention, causal, as f(q, k, v, cu_seq_lens, max_len) on (tokens, heads, dim);
+    None where this torch lacks it. It is a custom op with its own backward, so compiled decoder layers
+    trace straight through it (no graph break). torch 2.9-2.11 take `is_causal`, later releases `window_size`."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        return lambda q, k, v, cu, n: varlen_attn(q, k, v, cu, cu, n, n, is_causal=True)
+    if "window_size" in params:
+        return lambda q, k, v, cu, n: varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0))
+    return None
+
+
+FLASH_VARLEN = _flash_varlen()
+
+
+def _flash_fits(query: torch.Tensor, dropout: float, scaling: float | None) -> bool:
+    """Whether the flash kernel computes exactly what SDPA would for these inputs."""
+    head_dim = query.shape[-1]
+    return (FLASH_VARLEN is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and head_dim <= 256 and head_dim % 8 == 0 and dropout == 0.0
+            and (scaling is None or abs(scaling - head_dim ** -0.5) < 1e-12))
+
+
+@torch.compiler.disable
+def _per_sample_sdpa(module, query, key, value, bounds, dropout, scaling, **kwargs):
+    """SDPA's causal kernel on each sample of the row in turn (CPU, or where flash does not fit)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = []
-    if attention_mask is None and query.shape[2] == key.shape[2] > 1:  # not for cached decoding
-        bounds = segment_bounds(position_ids, cu_seq_lens_q, query.shape[2])
-    if not bounds:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
                                    dropout=dropout, scaling=scaling, **kwargs)[0]
             for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, dim=1), None  # one layout for any number of samples: no recompiles
+    return torch.cat(outs, dim=1)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          position_ids=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Causal attention within each sample of a packed row (batch 1, attention_mask None).
+
+    On a GPU, one varlen flash call covers every sample; elsewhere each sample runs through SDPA's
+    causal kernel on its own. Either way no work is spent on the blocks a block-causal mask would
+    discard. Padded batches and cached decoding fall through to transformers' SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("cu_seq_lens_k", None)  # self-attention: the same boundaries as the queries
+    kwargs.pop("max_length_k", None)
+    if not (attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if cu_seq_lens_q is not None and max_length_q is not None and _flash_fits(query, dropout, scaling):
+        groups = query.shape[1] // key.shape[1]  # grouped-query attention: each KV head serves `groups` heads
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = FLASH_VARLEN(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q))
+        return out.unsqueeze(0), None
+    bounds = segment_bounds(position_ids, cu_seq_lens_q, query.shape[2])
+    return _per_sample_sdpa(module, query, key, value, bounds, dropout, scaling, **kwargs), None
 
 
 def _packed_mask(*args, attention_mask=None, **kwargs):

@@ -166,6 +166,57 @@ def test_packed_row_gives_the_padded_batch_loss(attention):
     torch.testing.assert_close(model(**packed(parts), use_cache=False).loss, reference, rtol=1e-5, atol=1e-6)
 
 
+def per_sample_causal(q, k, v, cu_seq_lens, max_length):
+    """What varlen flash attention computes, on (tokens, heads, dim): SDPA's causal kernel per sample."""
+    bounds = cu_seq_lens.tolist()
+    assert max_length == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        *(x[s:e].transpose(0, 1) for x in (q, k, v)), is_causal=True).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_packed_attention_hands_flash_the_right_layout(monkeypatch, kv_heads):
+    """The GPU path (one varlen call for the whole row) reshapes q/k/v, repeats grouped KV heads and
+    passes the sample boundaries; here the flash kernel is stood in by its per-sample definition."""
+    cfg = tiny_cfg()
+    cfg.text.num_key_value_heads = kv_heads
+    model = lora(tiny_model(cfg), cfg)
+    parts = samples(cfg, n=3)
+    reference = model(**collate(parts, pad_id=0)).loss
+    reference.backward()
+    want = grads(model)
+    model.zero_grad()
+    calls = []
+    monkeypatch.setattr(speed, "FLASH_VARLEN", lambda *a: calls.append(a[3].tolist()) or per_sample_causal(*a))
+    monkeypatch.setattr(speed, "_flash_fits", lambda *a: True)
+    speed.set_language_attention(model, speed.PACKED_ATTENTION)
+    ours = speed.assistant_loss(model, packed(parts))
+    ours.backward()
+    lengths = [len(s.input_ids) for s in parts]
+    assert calls == [[0, *torch.tensor(lengths).cumsum(0).tolist()]] * cfg.text.num_hidden_layers
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or speed.FLASH_VARLEN is None, reason="needs CUDA flash varlen")
+def test_flash_varlen_equals_per_sample_sdpa_on_gpu():
+    torch.manual_seed(0)
+    lengths = [700, 33, 1500, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lengths), 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = speed.FLASH_VARLEN(q, k, v, cu, max(lengths))
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    ref = per_sample_causal(q, k, v, cu, max(lengths))
+    want = [ref, *torch.autograd.grad(ref, (q, k, v), grad)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 def test_packed_attention_falls_back_to_sdpa_for_padded_batches():
     cfg = tiny_cfg()
     model = tiny_model(cfg)
