@@ -73,14 +73,28 @@ def datamodule(path, **over):
 def test_bad_samples_are_skipped_in_workers_and_labels_are_untouched(bad_set):
     dm = datamodule(bad_set)
     batches = [dm.on_before_batch_transfer(b, 0) for b in dm.loader(dm.train_set, shuffle=False)]
-    assert dm.counters.bad == len(BAD) and dm.counters.seen == len(dm.train_set) + len(BAD)
-    # each bad record's slot holds the good record after it, encoded exactly as on its own
+    assert dm.counters.bad == len(BAD) and dm.counters.seen == len(dm.train_set)
+    # every good record is trained once in the epoch (a bad slot's stand-in is dropped again),
+    # encoded exactly as on its own
     direct = {tuple(dm.train_set[i].input_ids.tolist()): dm.train_set[i].labels
               for i in range(len(dm.train_set)) if dm.train_set.records[i]["id"].startswith("good")}
+    trained = []
     for batch in batches:
         for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
             n = int(mask.sum())
             assert torch.equal(direct[tuple(ids[:n].tolist())], labels[:n])
+            trained.append(tuple(ids[:n].tolist()))
+    goods = [tuple(dm.train_set[i].input_ids.tolist()) for i in range(len(dm.train_set))
+             if dm.train_set.records[i]["id"].startswith("good")]
+    assert sorted(trained) == sorted(goods)
+
+
+def test_a_micro_batch_of_only_bad_records_still_trains_one_sample(bad_set):
+    """Every rank must take a step: a wholly bad micro-batch keeps the next good record."""
+    dm = datamodule(bad_set, micro_batch_size=1, num_workers=0)
+    batches = [dm.on_before_batch_transfer(b, 0) for b in dm.loader(dm.train_set, shuffle=False)]
+    assert all(b["input_ids"].shape[0] == 1 for b in batches) and len(batches) == len(dm.train_set)
+    assert dm.counters.bad == len(BAD)
 
 
 def test_bad_fraction_over_the_limit_fails_the_run(bad_set):

@@ -1,7 +1,9 @@
 """The Lightning datamodule: builds the source named by `data.source`, encodes, batches, counts bad data.
 
 Bad records never raise inside a DataLoader worker. The Guard fills a bad record's slot with
-the next good record and carries the bad record's id, file and reason along in the batch
+the next good record, which the Batcher drops again (that record has its own slot in the epoch,
+so no sample is trained twice) unless the whole micro-batch was bad; the bad record's id, file
+and reason travel along in the batch
 (`data_stats`); the datamodule takes those counters off each batch in the main process
 (`on_before_batch_transfer`), logs every bad record, and fails the run with one DataError when
 `data.on_bad_sample=error` or when the bad fraction passes `data.max_bad_fraction`.
@@ -58,6 +60,7 @@ class Guard(torch.utils.data.Dataset):
                 bad.append(f"record at index {(index + step) % len(self.dataset)}: {type(e).__name__}: {e}")
                 continue
             sample.bad = bad + sample.bad
+            sample.stand_in = step > 0
             return sample
         raise DataError(f"{MAX_BAD_IN_A_ROW} bad records in a row, the last: {bad[-1]}")
 
@@ -69,8 +72,10 @@ class Batcher:
         self.pad_id, self.packing, self.pack_length = pad_id, packing, pack_length
 
     def __call__(self, samples: list[Encoded]) -> dict:
+        bad = [line for s in samples for line in s.bad]
+        samples = [s for s in samples if not s.stand_in] or samples[:1]  # an empty step would stall DDP
         batch = pack(samples, self.pad_id, self.pack_length) if self.packing else collate(samples, self.pad_id)
-        return stats(samples, batch)
+        return stats(samples, batch, bad)
 
 
 class BadData:

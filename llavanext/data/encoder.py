@@ -135,6 +135,9 @@ class Encoded:
     truncated: bool = False
     # bad records this sample's slot stood in for (id, file, reason lines; see datamodule.Guard)
     bad: list[str] = field(default_factory=list)
+    # read in place of a bad record: the batch drops it (it has a slot of its own in the epoch)
+    # unless nothing else is left in the batch
+    stand_in: bool = False
 
 
 @dataclass
@@ -235,10 +238,10 @@ def stack_images(samples: list[Encoded], out: dict) -> dict:
     return out
 
 
-def stats(samples: list[Encoded], out: dict) -> dict:
+def stats(samples: list[Encoded], out: dict, bad: list[str] | None = None) -> dict:
     """Counters the datamodule takes off the batch before it reaches the model (see DataModule)."""
     out["data_stats"] = {"samples": len(samples), "truncated": sum(s.truncated for s in samples),
-                         "bad": [line for s in samples for line in s.bad]}
+                         "bad": [line for s in samples for line in s.bad] if bad is None else bad}
     return out
 
 
