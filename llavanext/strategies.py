@@ -25,6 +25,18 @@ def transformer_block(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith(("DecoderLayer", "EncoderLayer"))
 
 
+def shard_blocks(model: torch.nn.Module, mesh, *, reshard_after_forward: bool, bf16: bool) -> None:
+    """FSDP2 over `mesh`: every transformer block sharded on its own, then the rest with `model` as the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16:  # bf16 compute and all-gathers, float32 gradient reduction and master weights
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in [m for m in model.modules() if transformer_block(m)]:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
 def make_strategy(cfg: DictConfig, precision: str):
     s = cfg.strategy
     if s.name == "ddp":
@@ -52,17 +64,8 @@ class FSDP2(ModelParallelStrategy):
         self.bf16 = bf16
 
     def shard(self, model: torch.nn.Module) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # bf16 compute and all-gathers, float32 gradient reduction and master weights
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else None
-        mesh = self.device_mesh["data_parallel"]
-        kwargs = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
-        if policy is not None:
-            kwargs["mp_policy"] = policy
-        for block in [m for m in model.modules() if transformer_block(m)]:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+        shard_blocks(model, self.device_mesh["data_parallel"], reshard_after_forward=self.reshard_after_forward,
+                     bf16=self.bf16)
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None):
         if not self._save_distributed_checkpoint:
