@@ -60,7 +60,7 @@ CHAIN = [
     ("baseline", None),
     ("+ vision tower to layer -2", "vision"),
     ("+ assistant-only fused CE", "fused"),
-    ("+ packing, per-sample SDPA", "pack"),
+    ("+ packing, varlen attention", "pack"),
     ("+ compiled decoder layers", "compile"),
     ("+ checkpoint N layers", "ckpt"),
 ]
