@@ -182,6 +182,8 @@ class FastStep:
         # rotary as x @ R, R = diag(cos) + swap @ diag(sin with its first half negated), swap[i, j] = (i == j +- half):
         # rotate_half(x) * sin + x * cos in one small matmul per layer instead of five elementwise kernels
         self.swap = torch.eye(self.head_dim, dtype=self.dtype, device=device).roll(half, dims=0)
+        if device.type == "cuda":
+            torch._dynamo.mark_static_address(self.swap)  # decode=compile: a constant, not an input to copy
         self.layers = []
         for layer in language_model.layers[: config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
