@@ -12,7 +12,9 @@ The step itself comes in variants (`Decoder(..., variant=)`):
   fused    our forward of a llama/mistral decoder for one token: q/k/v and gate/up as one GEMV each
            (the Linears' weights become row blocks of one tensor: same memory, prefill unchanged),
            split-KV attention in plain torch ops (all SMs busy at batch 1, no data-dependent shapes),
-           about half the kernels of `hf` per layer. Same math as `hf`; float32 logits agree to rounding.
+           one-kernel RMSNorm, rotary as one small matmul, residual adds inside the GEMMs: about half
+           the kernels of `hf` per layer. Same math as `hf`: float32 logits agree to rounding; bf16
+           rounds at other points (attention scores in bf16 as transformers' eager attention does).
   matmul   `fused` with the attention's probs @ values as one matmul per head (no key split).
   unfused  `fused` with separate q/k/v and gate/up projections (their outputs concatenated).
   auto     `fused` on a GPU where the model allows it, else `hf` (CPU decoding is unchanged).
