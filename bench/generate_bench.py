@@ -6,8 +6,14 @@ time to first token and decode tokens/s at batch 1, then the throughput of a bat
 prompts. The bound is the weight bytes one decode step must read over the measured memory
 bandwidth (a device-to-device copy, bytes read + written).
 
+A decoder is `<mode>` or `<mode>_<variant>` (llavanext/decoding.py): mode eager, graph or compile;
+variant hf (transformers' forward: the decoder before issue 5), fused (ours: fused q/k/v and gate/up
+GEMVs, split-KV attention), matmul (fused, attention without the key split), unfused (split-KV,
+separate projections); no variant is `auto`, what `llavanext generate` uses (fused on a GPU).
+`--profile DIR` also writes the kernels of a few eager decode steps of hf and of fused.
+
     python bench/generate_bench.py --model 7b                     # on a GPU
-    python bench/generate_bench.py --model tiny --modes eager     # on a CPU: does it run
+    python bench/generate_bench.py --model tiny --modes eager,eager_fused --batch 2   # on a CPU: does it run
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from importlib import resources
@@ -23,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llavanext.data.encoder import image_token_count, make_image_processor
-from llavanext.decoding import Decoder, Sampling
+from llavanext.decoding import MODES, VARIANTS, Decoder, Sampling
 from llavanext.model import hf_config
 
 
@@ -114,6 +121,14 @@ def time_ours(decoder, batch, new, device):
     return first - start, time.perf_counter() - first, [t[0] for t in tokens]
 
 
+def decoder_name(name: str) -> tuple[str, str]:
+    """`graph` -> (graph, auto), `graph_hf` -> (graph, hf)."""
+    mode, _, variant = name.partition("_")
+    if mode not in MODES or (variant or "auto") not in VARIANTS:
+        raise SystemExit(f"unknown decoder {name!r}: <mode>[_<variant>], mode in {MODES}, variant in {VARIANTS}")
+    return mode, variant or "auto"
+
+
 def same_prefix(a, b) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -133,12 +148,13 @@ def measure(args, model, batch, rows, new, device, plain_tokens, out, began):
         result["plain generate"] = {"ttft_s": ttft, "decode_tok_s": rows * (new - 1) / (total - ttft),
                                     "total_tok_s": rows * new / total, "setup_s": 0.0, "same": new}
     for mode in modes:
-        if mode == "compile" and time.perf_counter() - began > args.deadline:
+        if mode.startswith("compile") and time.perf_counter() - began > args.deadline:
             result[f"ours {mode}"] = {"error": f"skipped: past --deadline {args.deadline}s"}
             continue
+        decoder = None
         try:
             start = time.perf_counter()
-            decoder = Decoder(model, mode)
+            decoder = Decoder(model, *decoder_name(mode))
             time_ours(decoder, batch, new, device)  # warm-up: captures or compiles the step
             setup = time.perf_counter() - start
             runs = [time_ours(decoder, batch, new, device) for _ in range(args.repeats)]
@@ -146,7 +162,8 @@ def measure(args, model, batch, rows, new, device, plain_tokens, out, began):
             decode = statistics.median(r[1] for r in runs)
             result[f"ours {mode}"] = {"ttft_s": ttft, "decode_tok_s": rows * (new - 1) / decode,
                                       "total_tok_s": rows * new / (ttft + decode), "setup_s": setup,
-                                      "same": same_prefix(runs[0][2], plain_tokens.get(rows, []))}
+                                      "same": same_prefix(runs[0][2], plain_tokens.get(rows, [])),
+                                      "variant": decoder.variant}
         except Exception as e:  # one mode failing must not lose the others' numbers
             result[f"ours {mode}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         finally:
@@ -156,6 +173,65 @@ def measure(args, model, batch, rows, new, device, plain_tokens, out, began):
                 torch.cuda.empty_cache()
         print(json.dumps({"batch": rows, mode: result[f"ours {mode}"]}), flush=True)
     out[rows] = result
+
+
+def kernel_table(prof, steps: int, rows: int = 25) -> tuple[str, dict]:
+    """The GPU kernels of a profile, summed by name, per step: the top `rows` by time, and totals."""
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            calls, us = kernels.get(e.name, (0, 0.0))
+            kernels[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+    busy = sum(us for _, us in kernels.values()) / steps
+    launches = sum(calls for calls, _ in kernels.values()) / steps
+    lines = [f"GPU busy {busy:.0f} us per step in {launches:.0f} kernels", "",
+             "| us/step | % | calls/step | kernel |", "|---|---|---|---|"]
+    for name, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:rows]:
+        lines.append(f"| {us / steps:.1f} | {100 * us / steps / busy:.1f} | {calls / steps:g} | {name[:150]} |")
+    return "\n".join(lines), {"gpu_busy_us": busy, "kernels": launches}
+
+
+def profile(args, model, batch, device, folder: str) -> dict:
+    """torch.profiler over a few eager decode steps of transformers' forward (hf) and of ours
+    (fused): the kernel table and the op table of each, written to `folder`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    os.makedirs(folder, exist_ok=True)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows, prompt_len = batch["input_ids"].shape
+    steps, summary = 5, {}
+    for variant in ("hf", "fused"):
+        decoder = Decoder(model, "eager", variant)
+        list(decoder.stream(batch, Sampling(max_new_tokens=3)))  # warm-up: cuBLAS heuristics, the allocator
+        slot = decoder.slot(rows, prompt_len + args.new_tokens)  # the bench's cache length; its contents don't matter
+        slot.step.fill_(prompt_len)
+        for _ in range(2):
+            decoder.run_step(slot)
+        sync(device)
+        start = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                decoder.run_step(slot)
+            sync(device)
+        wall = (time.perf_counter() - start) / steps
+        name = f"eager_{variant}"
+        sort = ("self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total")
+                else "self_cuda_time_total") if cuda else "self_cpu_time_total"
+        ops = prof.key_averages().table(sort_by=sort, row_limit=25)
+        kernels, totals = kernel_table(prof, steps) if cuda else ("(no GPU)", {})
+        summary[name] = {"wall_us_profiled": 1e6 * wall, **totals}
+        with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+            f.write(f"{steps} eager decode steps, batch {rows}, cache {slot.slots.numel()} slots, "
+                    f"{1e6 * wall:.0f} us per step under the profiler\n\n## kernels\n\n{kernels}\n\n"
+                    f"## ops (sorted by {sort})\n\n{ops}\n")
+        print(json.dumps({"profile": name, **summary[name]}), flush=True)
+        del decoder, slot
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return summary
 
 
 def table(out, bound, new, batch_new) -> str:
@@ -171,6 +247,8 @@ def table(out, bound, new, batch_new) -> str:
                 continue
             ratio = f"{r['decode_tok_s'] / plain:.2f}×" if plain else ""
             share = f"{100 * r['decode_tok_s'] / rows / bound:.0f}%" if bound and rows == 1 else ""
+            if r.get("variant") and not name.endswith(r["variant"]):
+                name = f"{name} ({r['variant']})"  # what `auto` chose
             lines.append(f"| {rows} | {name} | {1e3 * r['ttft_s']:.0f} ms | {r['decode_tok_s']:.1f} | {ratio} | "
                          f"{share} | {r['total_tok_s']:.1f} | {r['setup_s']:.1f} | {r['same']}/{n} |")
     return "\n".join(lines)
@@ -184,15 +262,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per row at batch 1")
     parser.add_argument("--batch", type=int, default=16, help="rows of the throughput run (0: skip it)")
     parser.add_argument("--batch-new-tokens", type=int, default=32)
-    parser.add_argument("--modes", default="eager,graph,compile", help="our decode modes at batch 1")
-    parser.add_argument("--batch-modes", default="graph,compile", help="our decode modes at --batch")
+    parser.add_argument("--modes", default="eager_hf,eager,graph_hf,graph,graph_matmul,graph_unfused,compile_hf,compile",
+                        help="our decoders at batch 1: <mode>[_<variant>] (see above)")
+    parser.add_argument("--batch-modes", default="graph_hf,graph,compile", help="our decoders at --batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip transformers' generate")
     parser.add_argument("--deadline", type=float, default=1e9, help="start no compile after this many seconds")
     parser.add_argument("--json", help="write the numbers here too")
+    parser.add_argument("--profile", metavar="DIR", help="write kernel tables of eager decode steps (hf, fused) here")
     args = parser.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     args.batch_modes = [m for m in args.batch_modes.split(",") if m]
+    for name in args.modes + args.batch_modes:
+        decoder_name(name)
     began = time.perf_counter()
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -217,6 +299,7 @@ def main() -> None:
         print(f"prompt: {single['input_ids'].shape[1]} tokens, pixel_values {tuple(single['pixel_values'].shape)}",
               flush=True)
         measure(args, model, single, 1, args.new_tokens, device, plain_tokens, out, began)
+        profiled = profile(args, model, single, device, args.profile) if args.profile else None
         del single
         if args.batch:
             many = prompt(model_cfg, device, dtype, args.batch)
@@ -225,7 +308,7 @@ def main() -> None:
     print(f"\n{header}\n\n{text}\n\n(total {time.perf_counter() - began:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "bound_tok_s": bound, "results": out}, f, indent=2)
+            json.dump({"header": header, "bound_tok_s": bound, "results": out, "profile": profiled}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,22 @@
 
 The prefill runs the whole LLaVA-NeXT model (vision tower, projector, language model) once over
 the left-padded prompts. Each decode step runs only the language model on one token per row,
-with fixed shapes (static cache, a 4D mask we build), so on a GPU the step can be a CUDA graph:
+with fixed shapes (static cache, a mask we build), so on a GPU the step can be a CUDA graph:
 `graph` captures the eager step as it is (ready in a second), `compile` lets torch.compile
 (mode="reduce-overhead", CUDA graphs) fuse it first (a minute or more per shape). Sampling uses
 transformers' own logits processors, so a seed gives what `model.generate` would.
+
+The step itself comes in variants (`Decoder(..., variant=)`):
+  hf       transformers' own forward of the language model (its attention, its masks).
+  fused    our forward of a llama/mistral decoder for one token: q/k/v and gate/up as one GEMV each
+           (the Linears' weights become row blocks of one tensor: same memory, prefill unchanged),
+           split-KV attention in plain torch ops (all SMs busy at batch 1, no data-dependent shapes),
+           one-kernel RMSNorm, rotary as one small matmul, residual adds inside the GEMMs: about half
+           the kernels of `hf` per layer. Same math as `hf`: float32 logits agree to rounding; bf16
+           rounds at other points (attention scores in bf16 as transformers' eager attention does).
+  matmul   `fused` with the attention's probs @ values as one matmul per head (no key split).
+  unfused  `fused` with separate q/k/v and gate/up projections (their outputs concatenated).
+  auto     `fused` on a GPU where the model allows it, else `hf` (CPU decoding is unchanged).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -27,7 +40,9 @@ from transformers.generation.logits_process import (
 from llavanext.errors import ConfigError
 
 MODES = ("eager", "graph", "compile")
+VARIANTS = ("auto", "hf", "fused", "matmul", "unfused")
 BUCKET = 256  # cache lengths round up to this, so shapes (and graphs) repeat and masks stay aligned
+SPLIT = 256  # keys per chunk of the split-KV decode attention (divides BUCKET: every cache length splits evenly)
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,10 @@ def cache_keyword(module: torch.nn.Module) -> str:
 class Slot:
     """Everything a (batch, cache length) shape needs, kept so graphs and cache addresses repeat."""
 
-    def __init__(self, model, batch: int, length: int, device):
+    def __init__(self, model, batch: int, length: int, device, fast: FastStep | None = None):
         self.cache = StaticCache(config=model.config, max_cache_len=length)
+        if fast is not None:  # the fast step writes into the cache tensors itself: they must exist before prefill
+            self.cache.early_initialization(batch, fast.kv_heads, fast.head_dim, fast.dtype, device)
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the cache slot being written
@@ -94,10 +111,148 @@ class Slot:
         self.logits: torch.Tensor | None = None
 
 
+def fast_unsupported(language_model) -> str | None:
+    """Why our own decode forward can't run this language model (None: it can)."""
+    config = language_model.config
+    if config.model_type not in ("llama", "mistral"):
+        return f"model_type {config.model_type!r} (fused decoding knows llama and mistral)"
+    if getattr(config, "sliding_window", None):
+        return "a sliding window (fused decoding attends to the whole cache)"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(language_model, name):
+            return f"no {name} on the language model"
+    for layer in language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(type(p) is torch.nn.Linear for p in parts):  # not LoRA-wrapped, not quantised
+            return "projections that are not plain Linears (merge LoRA adapters first)"
+        if not all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+            return "norms that are not RMSNorm"
+    return None
+
+
+def fuse(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """One weight for Linears that read the same input: their weights stacked by rows, so one GEMV
+    reads them all. The Linears' weights become views of it (the same memory, and their own
+    forward, used by prefill, is unchanged). None where they can't share one (biases, dtypes)."""
+    if any(type(p) is not torch.nn.Linear or p.bias is not None for p in linears):
+        return None
+    weights = [p.weight for p in linears]
+    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) > 1:
+        return None
+    fused = getattr(linears[0], "_llavanext_fused", None)
+    rows = [w.shape[0] for w in weights]
+    if fused is not None and fused.shape[0] == sum(rows) and all(  # a Decoder before this one fused them
+            w.data_ptr() == piece.data_ptr() for w, piece in zip(weights, fused.split(rows))):
+        return fused
+    fused = torch.cat([w.detach() for w in weights])
+    for p, w, piece in zip(linears, weights, fused.split(rows)):
+        p.weight = torch.nn.Parameter(piece, requires_grad=w.requires_grad)
+    linears[0]._llavanext_fused = fused  # plain attribute, not a parameter: state_dict is unchanged
+    if fused.device.type == "cuda":
+        torch._dynamo.mark_static_address(fused)  # decode=compile: a weight, not an input to copy into its graph
+    return fused
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """transformers' LlamaRMSNorm in one kernel, not 8 (in bf16 it rounds once, after the weight, not before)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def add_linear(h: torch.Tensor, x: torch.Tensor, linear) -> torch.Tensor:
+    """h + linear(x) for the residual stream: one GEMM accumulating into h (beta=1), not a GEMM and an add."""
+    if type(linear) is torch.nn.Linear and linear.bias is None:
+        return h.addmm_(x, linear.weight.t())
+    return h + linear(x)
+
+
+class FastStep:
+    """One decode step of a llama/mistral language model for one token per row, in plain torch ops
+    with fixed shapes (CUDA-graphable, compilable, no host syncs): transformers' math, fewer kernels."""
+
+    def __init__(self, language_model, lm_head, variant: str):
+        config = language_model.config
+        self.lm = language_model
+        self.lm_head = lm_head
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.dtype = language_model.layers[0].self_attn.k_proj.weight.dtype
+        self.split = variant != "matmul"
+        half = self.head_dim // 2
+        device = language_model.layers[0].self_attn.k_proj.weight.device
+        # rotary as x @ R, R = diag(cos) + swap @ diag(sin with its first half negated), swap[i, j] = (i == j +- half):
+        # rotate_half(x) * sin + x * cos in one small matmul per layer instead of five elementwise kernels
+        self.swap = torch.eye(self.head_dim, dtype=self.dtype, device=device).roll(half, dims=0)
+        if device.type == "cuda":
+            torch._dynamo.mark_static_address(self.swap)  # decode=compile: a constant, not an input to copy
+        self.layers = []
+        for layer in language_model.layers[: config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = gate_up = None
+            if variant != "unfused":
+                qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+                gate_up = fuse([mlp.gate_proj, mlp.up_proj])
+            self.layers.append((layer, qkv, gate_up))
+
+    def step(self, slot: Slot) -> torch.Tensor:
+        """The float32 logits of the next token of every row."""
+        rows, half = slot.ids.shape[0], self.head_dim // 2
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        h = self.lm.embed_tokens(slot.ids[:, 0])  # (rows, hidden): the residual stream, updated in place
+        cos, sin = self.lm.rotary_emb(h, slot.positions)  # (rows, 1, head_dim)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        rotary = torch.diag_embed(cos[:, 0]) + self.swap * sin  # (rows, head_dim, head_dim)
+        visible = (slot.slots <= slot.step)[None, None, None, :] & slot.keep[:, None, None, :]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=h.device).masked_fill_(~visible, float("-inf"))
+        index = slot.step.view(1)
+        for i, (layer, qkv_weight, gate_up_weight) in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = rms_norm(h, layer.input_layernorm)
+            if qkv_weight is not None:
+                qkv = F.linear(x, qkv_weight)
+            else:
+                qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+            qkv = qkv.view(rows, heads + 2 * kv_heads, dim)
+            qk, v = torch.matmul(qkv[:, : heads + kv_heads], rotary), qkv[:, heads + kv_heads:]  # q and k rotated
+            q, k = qk[:, :heads], qk[:, heads:]
+            keys, values = slot.cache.layers[i].keys, slot.cache.layers[i].values  # (rows, kv_heads, length, dim)
+            keys.index_copy_(2, index, k[:, :, None])
+            values.index_copy_(2, index, v[:, :, None])
+            out = self.attend(q.reshape(rows, kv_heads, heads // kv_heads, dim), keys, values, bias)
+            h = add_linear(h, out.reshape(rows, heads * dim), attn.o_proj)
+            x = rms_norm(h, layer.post_attention_layernorm)
+            if gate_up_weight is not None:
+                gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = add_linear(h, mlp.act_fn(gate) * up, mlp.down_proj)
+        return self.lm_head(rms_norm(h, self.lm.norm)).float()
+
+    def attend(self, q, keys, values, bias):
+        """Attention of one query per head over the whole cache; q is (rows, kv_heads, group, dim),
+        so grouped-query heads share their key/value head without a copy. Scores and softmax as
+        transformers' eager attention (float32 softmax); probs @ values split into chunks of SPLIT
+        keys, one small matmul each, summed: at batch 1 this spreads over the GPU instead of one
+        block per head."""
+        rows, kv_heads, group, dim = q.shape
+        length = keys.shape[2]
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # (rows, kv_heads, group, length)
+        probs = torch.add(bias, scores, alpha=self.scale).softmax(-1).to(values.dtype)  # bias: 0 or -inf, float32
+        if not self.split or length % SPLIT:
+            return torch.matmul(probs, values)
+        chunks = length // SPLIT
+        parts = torch.matmul(probs.view(rows, kv_heads, group, chunks, SPLIT).transpose(2, 3),
+                             values.view(rows, kv_heads, chunks, SPLIT, dim))  # (rows, kv_heads, chunks, group, dim)
+        return parts.sum(2)
+
+
 class Decoder:
-    def __init__(self, model: torch.nn.Module, mode: str = "eager"):
+    def __init__(self, model: torch.nn.Module, mode: str = "eager", variant: str = "auto"):
         if mode not in MODES:
             raise ConfigError(f"decode={mode!r}; choose from auto, {', '.join(MODES)}")
+        if variant not in VARIANTS:
+            raise ConfigError(f"variant={variant!r}; choose from {', '.join(VARIANTS)}")
         self.device = next(model.parameters()).device
         if mode != "eager" and self.device.type != "cuda":
             raise ConfigError(f"decode={mode} needs a CUDA device (the model is on {self.device})")
@@ -107,23 +262,34 @@ class Decoder:
         self.cache_kw = cache_keyword(self.language_model)
         self.mode = mode
         self.slots: dict[tuple[int, int], Slot] = {}
+        why = fast_unsupported(self.language_model)
+        if variant == "auto":  # CPU decoding stays transformers' own forward
+            variant = "fused" if self.device.type == "cuda" and why is None else "hf"
+        elif variant != "hf" and why is not None:
+            raise ConfigError(f"variant={variant} can't decode this model: {why}")
+        self.variant = variant
+        self.fast = FastStep(self.language_model, self.lm_head, variant) if variant != "hf" else None
+        if self.fast is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # fusing left the Linears' old weight blocks cached but free
+        self.step = self.fast.step if self.fast is not None else self.hf_step
         self.compiled = torch.compile(self.step, mode="reduce-overhead", fullgraph=True, dynamic=False) \
             if mode == "compile" else None
 
-    def step(self, slot: Slot) -> torch.Tensor:
-        """One token per row: the logits of the next one (fixed shapes, no host sync)."""
+    def hf_step(self, slot: Slot) -> torch.Tensor:
+        """One token per row through transformers' forward: the float32 logits of the next one
+        (fixed shapes, no host sync)."""
         visible = (slot.slots <= slot.step)[None, None, None, :] & slot.keep[:, None, None, :]
         out = self.language_model(input_ids=slot.ids, attention_mask=visible, position_ids=slot.positions,
                                   use_cache=True, **{self.cache_kw: slot.cache})
-        return self.lm_head(out.last_hidden_state[:, -1])
+        return self.lm_head(out.last_hidden_state[:, -1]).float()
 
     def slot(self, batch: int, length: int) -> Slot:
         length = -(-length // BUCKET) * BUCKET
         if self.mode == "eager":  # nothing to reuse: no graph holds on to the cache's addresses
-            return Slot(self.model, batch, length, self.device)
+            return Slot(self.model, batch, length, self.device, self.fast)
         key = (batch, length)
         if key not in self.slots:
-            self.slots[key] = slot = Slot(self.model, batch, length, self.device)
+            self.slots[key] = slot = Slot(self.model, batch, length, self.device, self.fast)
             if self.mode == "graph":
                 self.capture(slot)
         return self.slots[key]
@@ -142,11 +308,11 @@ class Decoder:
     def run_step(self, slot: Slot) -> torch.Tensor:
         if self.mode == "graph":
             slot.graph.replay()
-            return slot.logits.float().clone()  # the next replay overwrites slot.logits
+            return slot.logits.clone()  # the next replay overwrites slot.logits
         if self.mode == "compile":
             torch.compiler.cudagraph_mark_step_begin()
-            return self.compiled(slot).float().clone()
-        return self.step(slot).float()
+            return self.compiled(slot).clone()
+        return self.step(slot)
 
     @torch.no_grad()
     def stream(self, batch: dict, sampling: Sampling) -> Iterator[list[int]]:
@@ -181,6 +347,7 @@ class Decoder:
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(self.device).manual_seed(sampling.seed)
         next_position = attention.long().sum(-1, keepdim=True)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
         for step in range(new):
             scores = processors(history[:, : prompt + step], logits)
             if sampling.greedy:
@@ -188,10 +355,14 @@ class Decoder:
             else:
                 token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
             history[:, prompt + step] = token
-            yield token.tolist()
-            if step == new - 1:
-                return
-            slot.ids.copy_(token[:, None])
-            slot.positions.copy_(next_position + step)
-            slot.step.fill_(prompt + step)
-            logits = self.run_step(slot)
+            host = token.to("cpu", non_blocking=True)
+            if ready is not None:
+                ready.record()
+            if step < new - 1:  # queue the next step before waiting for this token: the GPU runs while the host reads it
+                slot.ids.copy_(token[:, None])
+                slot.positions.copy_(next_position + step)
+                slot.step.fill_(prompt + step)
+                logits = self.run_step(slot)
+            if ready is not None:
+                ready.synchronize()
+            yield host.tolist()
