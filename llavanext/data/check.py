@@ -2,19 +2,27 @@
 
 Every record goes through the training encoder's text path (template, `<image>` expansion,
 labels, truncation policy) with image sizes read from file headers, in parallel over cores.
-The report: counts, each bad record (id, file, reason), histograms of text tokens, image
+The report: counts, each bad record (id, where, reason), histograms of text tokens, image
 tokens, tiles and length per sample, how many samples `seq_length` truncates or drops, and
 one decoded sample with masked and trained spans shown apart. Exits 1 (a DataError after the
 report) when the bad fraction passes `data.max_bad_fraction`.
+
+It reads llava_json, demo and hf records; energon's prepared folders shard by shard (the train
+split's WebDataset tars, read with `tarfile`: no energon loader); each source of a mix in turn,
+one report each (failing when any one is over its limit); mock data has nothing to check.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
+import re
 import statistics
+import tarfile
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -24,6 +32,7 @@ from rich.text import Text
 
 from llavanext.data.encoder import IGNORE, TaskEncoder, tile_count
 from llavanext.data.sources import (
+    BAD,
     image_paths,
     llava_conversations,
     load_hf,
@@ -47,6 +56,7 @@ class Row:
     length: int = 0
     truncated: bool = False
     too_long: bool = False
+    where: str = ""  # energon: `shard/key` (energon's own name for a sample)
 
 
 def image_size(source, name: str, decode: bool) -> tuple[int, int]:
@@ -82,6 +92,63 @@ def measure(encoder: TaskEncoder, rid: str, conversations, sizes) -> Row:
     return row
 
 
+# -- energon: a prepared folder's shards, read directly --------------------------------------------
+MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: the key ends at the name's first dot
+
+
+def train_shards(path: Path) -> list[str]:
+    """The train split's shards of a prepared energon dataset, relative to it, as .nv-meta/split.yaml lists them."""
+    if not path.exists():
+        raise DataError(f"data.path={path} does not exist")
+    split = path / ".nv-meta" / "split.yaml"
+    if not split.is_file():
+        raise ConfigError(f"data check reads a prepared energon folder (with .nv-meta/split.yaml, as `llavanext data "
+                          f"prepare` writes it), and data.path={path} is not one (a metadataset YAML: check each "
+                          "dataset it names)")
+    try:
+        import braceexpand  # energon's dependency: its split.yaml names shards with {000000..000009}
+        import yaml
+    except ImportError:
+        raise ConfigError("data=energon needs megatron-energon: pip install 'llavanext[energon]'") from None
+    config = yaml.safe_load(split.read_text()) or {}
+    exclude = {name for pattern in config.get("exclude") or [] for name in braceexpand.braceexpand(pattern)}
+    names = [name for pattern in (config.get("split_parts") or {}).get("train") or []
+             for name in braceexpand.braceexpand(pattern) if name not in exclude]
+    if not names:
+        raise DataError(f"{split} lists no train shards")
+    return names
+
+
+def shard_samples(path: Path):
+    """(key, {suffix: bytes}) of each sample of a WebDataset tar: consecutive members grouped by key."""
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for info in tar:
+            match = MEMBER.match(info.name) if info.isfile() else None
+            if match is None:
+                continue
+            if match[1] != key and members:
+                yield key, members
+                members = {}
+            key = match[1]
+            members[match[2]] = tar.extractfile(info).read()
+    if members:
+        yield key, members
+
+
+def shard_items(root: Path, name: str):
+    """(id, (record, members), `shard/key`) of each sample of one shard of a prepared dataset."""
+    for key, members in shard_samples(root / name):
+        if "json" not in members:
+            record = {"id": key, BAD: "no .json member"}
+        else:
+            try:  # a byte that is not UTF-8 is kept, as read_records does: that record is reported bad
+                record = json.loads(members["json"].decode("utf-8", errors="surrogateescape"))
+            except ValueError as e:
+                record = {"id": key, BAD: f"unreadable .json ({e})"}
+        yield record_id(record, key), (record, members), f"{name}/{key}"
+
+
 # -- per-source scanning (runs in worker processes; the encoder arrives once per worker) ----------
 STATE = {}
 
@@ -91,10 +158,19 @@ def init_worker(encoder, kind, source, root, decode):
     STATE.update(encoder=encoder, kind=kind, source=source, root=root, decode=decode)
 
 
-def record_parts(kind: str, item, index: int, root: Path, decode: bool):
-    """(conversations, image sizes) of a LLaVA record or a `datasets` row; DataError when unusable."""
+def record_parts(kind: str, item, root: Path, decode: bool):
+    """(conversations, image sizes) of a LLaVA record, a `datasets` row or an energon sample; DataError when unusable."""
     if kind == "llava_json":
         return llava_conversations(item), [image_size(root / rel, str(root / rel), decode) for rel in image_paths(item)]
+    if kind == "energon":
+        record, members = item
+        conversations = llava_conversations(record)
+        sizes = []
+        for name in record.get("images") or []:
+            if name not in members:
+                raise DataError(f"image {name} is missing from the shard")
+            sizes.append(image_size(members[name], name, decode))
+        return conversations, sizes
     conversations = item.get("messages", item.get("conversations"))
     if conversations is None:
         raise DataError("no 'messages' or 'conversations' column")
@@ -111,24 +187,40 @@ def record_parts(kind: str, item, index: int, root: Path, decode: bool):
     return conversations, sizes
 
 
-def scan(index: int) -> Row:
-    item = STATE["source"][index]
-    rid = record_id(item, index)
+def row_of(rid: str, item, where: str = "") -> Row:
     try:
-        conversations, sizes = record_parts(STATE["kind"], item, index, STATE["root"], STATE["decode"])
-        return measure(STATE["encoder"], rid, conversations, sizes)
+        row = measure(STATE["encoder"], rid, *record_parts(STATE["kind"], item, STATE["root"], STATE["decode"]))
     except DataError as e:
-        return Row(rid, str(e))
+        row = Row(rid, str(e))
+    row.where = where
+    return row
 
 
-def scan_all(encoder, kind, source, root, decode, count, workers) -> list[Row]:
+def scan(index: int) -> list[Row]:
+    """The rows of one unit of work: a record, or a whole shard of an energon dataset."""
+    source = STATE["source"]
+    if STATE["kind"] != "energon":
+        return [row_of(record_id(source[index], index), source[index])]
+    rows = []
+    try:
+        for rid, item, where in shard_items(STATE["root"], source[index]):
+            rows.append(row_of(rid, item, where))
+    except (OSError, tarfile.TarError) as e:  # a missing or damaged tar: its readable samples are counted
+        rows.append(Row(source[index], f"shard cannot be read ({type(e).__name__}: {e})", where=source[index]))
+    return rows
+
+
+def scan_all(encoder, kind, source, root, decode, limit, workers) -> list[Row]:
+    """Rows of the first `limit` records (None: all), records or (energon) shards spread over `workers`."""
     args = (encoder, kind, source, root, decode)
-    if workers <= 1 or count < 256:
+    units = len(source) if kind == "energon" or limit is None else min(limit, len(source))
+    if workers <= 1 or units < (2 if kind == "energon" else 256):
         init_worker(*args)
-        return [scan(i) for i in range(count)]
+        return list(islice(chain.from_iterable(map(scan, range(units))), limit))
+    chunksize = 1 if kind == "energon" else max(16, units // (workers * 8))
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers, initializer=init_worker, initargs=args) as pool:
-        return pool.map(scan, range(count), chunksize=max(16, count // (workers * 8)))
+    with context.Pool(min(workers, units), initializer=init_worker, initargs=args) as pool:
+        return list(islice(chain.from_iterable(pool.imap(scan, range(units), chunksize)), limit))
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -176,27 +268,31 @@ def decoded_sample(encoder: TaskEncoder, conversations, sizes) -> Text:
     return text
 
 
-def report(rows: list[Row], where: str, cfg: DictConfig, encoder: TaskEncoder, example) -> None:
+def report(rows: list[Row], where: str, cfg: DictConfig, limit: float, encoder: TaskEncoder, example) -> None:
     bad = [r for r in rows if r.reason]
     good = [r for r in rows if not r.reason]
-    summary = Table(title=f"data check: {where}", title_justify="left")
+    console.print(f"[bold]data check: {where}", highlight=False)  # a line of its own: a table title wraps a path
+    summary = Table()
     for column in ("records", "good", "bad", "truncated", "too long (dropped)", "bad fraction", "limit"):
         summary.add_column(column, justify="right")
     fraction = len(bad) / max(1, len(rows))
     summary.add_row(str(len(rows)), str(len(good)), str(len(bad)), str(sum(r.truncated for r in good)),
-                    str(sum(r.too_long for r in bad)), f"{fraction:.2%}", f"{cfg.data.max_bad_fraction:.2%}",
-                    style="red" if fraction > cfg.data.max_bad_fraction else None)
+                    str(sum(r.too_long for r in bad)), f"{fraction:.2%}", f"{limit:.2%}",
+                    style="red" if fraction > limit else None)
     console.print(summary)
-    console.print(f"model={cfg.model.name} template={cfg.template} seq_length={cfg.data.seq_length}: a longer "
+    console.print(f"model={cfg.model.name} template={cfg.template} seq_length={encoder.seq_length}: a longer "
                   "sample loses text from its end; one whose images do not fit is dropped as bad", highlight=False)
     if bad:
         table = Table(title=f"bad records ({len(bad)})", title_justify="left")
         table.add_column("id")
+        located = any(r.where for r in bad)
+        if located:
+            table.add_column("where")
         table.add_column("reason")
         for r in bad[: cfg.show]:
-            table.add_row(r.id, r.reason)
+            table.add_row(r.id, *([r.where] if located else []), r.reason)
         if len(bad) > cfg.show:
-            table.add_row("...", f"{len(bad) - cfg.show} more (show=N lists more)")
+            table.add_row("...", *([""] if located else []), f"{len(bad) - cfg.show} more (show=N lists more)")
         console.print(table)
     if good:
         for title, values in (("text tokens per sample", [r.text_tokens for r in good]),
@@ -210,17 +306,9 @@ def report(rows: list[Row], where: str, cfg: DictConfig, encoder: TaskEncoder, e
         console.print(decoded_sample(encoder, *example[1:]))
 
 
-def run(cfg: DictConfig) -> list[Row]:
-    from llavanext.assemble import load_tokenizer
-
-    data = cfg.data
-    tokenizer = load_tokenizer(cfg.model)
-    if tokenizer is None:
-        raise ConfigError("data check needs the model's tokenizer: set model.tokenizer (a folder, or demo)")
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-        raise ConfigError("the tokenizer has no <image> token")
-    encoder = TaskEncoder(tokenizer, get_template(cfg.template), cfg.model, data.seq_length, image_token_id)
+# -- the command -----------------------------------------------------------------------------------
+def open_source(data: DictConfig) -> tuple[str, object, Path, str]:
+    """(kind, records or shard names, root, name) of one source's config."""
     if data.source in ("llava_json", "demo"):
         if data.source == "demo":
             from llavanext.demo.shapes import ensure_dataset
@@ -228,24 +316,66 @@ def run(cfg: DictConfig) -> list[Row]:
             root = ensure_dataset(data.num_train, data.num_val, data.seed)
             path = root / ("captions.json" if data.split == "pretrain" else "train.json")
         else:
-            path, root = Path(data.path), Path(data.image_root or Path(data.path).parent)
-        source, kind, where = read_records(path), "llava_json", str(path)
-    elif data.source == "hf":
+            path, root = Path(data.path), Path(data.get("image_root") or Path(data.path).parent)
+        return "llava_json", read_records(path), root, str(path)
+    if data.source == "hf":
         if data.get("streaming"):
             raise ConfigError("data check reads a `datasets` dataset whole: set data.streaming=false")
-        source, kind, where = raw_images(load_hf(data.path, split=data.get("split", "train"))), "hf", str(data.path)
         root = Path(data.get("image_root") or (data.path if Path(data.path).is_dir() else Path(data.path).parent))
-    else:
-        raise ConfigError(f"data check reads llava_json, demo and hf data, not data.source={data.source} "
-                          "(check the LLaVA JSON before `data prepare`)")
-    count = len(source) if cfg.limit is None else min(cfg.limit, len(source))
+        return "hf", raw_images(load_hf(data.path, split=data.get("split", "train"))), root, str(data.path)
+    if data.source == "energon":
+        return "energon", train_shards(Path(data.path)), Path(data.path), f"{data.path} (train split)"
+    raise ConfigError(f"data check reads llava_json, demo, hf, energon, mix and mock data, not "
+                      f"data.source={data.source}")
+
+
+def check_source(cfg: DictConfig, data: DictConfig, encoder: TaskEncoder, name: str = "") -> list[Row]:
+    """Scan one source and print its report; `name` tells a mix's sources apart."""
+    kind, source, root, where = open_source(data)
     workers = cfg.workers or os.cpu_count() or 1
-    rows = scan_all(encoder, kind, source, root, bool(cfg.decode_images), count, workers)
+    rows = scan_all(encoder, kind, source, root, bool(cfg.decode_images), cfg.limit, workers)
     first = next((i for i, r in enumerate(rows) if not r.reason), None)
-    example = None if first is None else (rows[first].id, *record_parts(kind, source[first], first, root, False))
-    report(rows, where, cfg, encoder, example)
-    bad = sum(1 for r in rows if r.reason)
-    if rows and bad > data.max_bad_fraction * len(rows):
-        raise DataError(f"{bad} of {len(rows)} records are bad ({bad / len(rows):.1%}), more than "
-                        f"data.max_bad_fraction={data.max_bad_fraction}")
+    example = None
+    if first is not None:
+        if kind == "energon":  # its shard is read again, up to that sample
+            item = next(item for shard in source for _, item, at in shard_items(root, shard) if at == rows[first].where)
+        else:
+            item = source[first]
+        example = (rows[first].id, *record_parts(kind, item, root, False))
+    report(rows, f"{name}: {where}" if name else where, cfg, data.max_bad_fraction, encoder, example)
     return rows
+
+
+def run(cfg: DictConfig) -> list[Row]:
+    """Check `cfg.data`, each source of a mix in turn; a DataError after the reports when any is over its limit."""
+    from llavanext.assemble import load_tokenizer
+
+    sources = [("", cfg.data)]
+    if cfg.data.source == "mix":
+        from llavanext.data.datamodule import merged  # each entry as training reads it
+
+        sources = [(f"data.sources[{n}]", merged(cfg.data, entry)) for n, entry in enumerate(cfg.data.sources)]
+    encoder, everything, failures = None, [], []
+    for name, data in sources:
+        if data.source == "mock":  # not a ConfigError: a mix with a mock part still checks its other parts
+            console.print(f"{name + ': ' if name else ''}data=mock is synthetic (tokens and images made on the fly): "
+                          "nothing to check", highlight=False)
+            continue
+        if encoder is None:
+            tokenizer = load_tokenizer(cfg.model)
+            if tokenizer is None:
+                raise ConfigError("data check needs the model's tokenizer: set model.tokenizer (a folder, or demo)")
+            image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+            if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+                raise ConfigError("the tokenizer has no <image> token")
+            encoder = TaskEncoder(tokenizer, get_template(cfg.template), cfg.model, cfg.data.seq_length,
+                                  image_token_id)
+        rows = check_source(cfg, data, encoder, name)
+        bad = sum(1 for r in rows if r.reason)
+        if rows and bad > data.max_bad_fraction * len(rows):
+            failures.append(f"{name + ': ' if name else ''}{bad} of {len(rows)} records are bad "
+                            f"({bad / len(rows):.1%}), more than data.max_bad_fraction={data.max_bad_fraction}")
+        everything += rows
+    if failures:
+        raise DataError("; ".join(failures))
+    return everything
