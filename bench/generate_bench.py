@@ -8,8 +8,7 @@ bandwidth (a device-to-device copy, bytes read + written).
 
 A decoder is `<mode>` or `<mode>_<variant>` (llavanext/decoding.py): mode eager, graph or compile;
 variant hf (transformers' forward: the decoder before issue 5), fused (ours: fused q/k/v and gate/up
-GEMVs, split-KV attention), matmul (fused, attention without the key split), unfused (split-KV,
-separate projections); no variant is `auto`, what `llavanext generate` uses (fused on a GPU).
+GEMVs, matmul attention over the static cache), unfused (fused, but separate q/k/v and gate/up projections); no variant is `auto`, what `llavanext generate` uses (fused on a GPU).
 `--profile DIR` also writes the kernels of a few eager decode steps of hf and of fused.
 
     python bench/generate_bench.py --model 7b                     # on a GPU
@@ -262,7 +261,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per row at batch 1")
     parser.add_argument("--batch", type=int, default=16, help="rows of the throughput run (0: skip it)")
     parser.add_argument("--batch-new-tokens", type=int, default=32)
-    parser.add_argument("--modes", default="eager_hf,eager,graph_hf,graph,graph_matmul,graph_unfused,compile_hf,compile",
+    parser.add_argument("--modes", default="eager_hf,eager,graph_hf,graph,graph_unfused,compile_hf,compile",
                         help="our decoders at batch 1: <mode>[_<variant>] (see above)")
     parser.add_argument("--batch-modes", default="graph_hf,graph,compile", help="our decoders at --batch")
     parser.add_argument("--repeats", type=int, default=3)

@@ -214,17 +214,16 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     """Causal attention within each sample of a packed row (batch 1, attention_mask None).
 
     On a GPU, one varlen flash call covers every sample; elsewhere each sample runs through SDPA's
-    causal kernel on its own. A row of one sample takes SDPA's causal kernel directly: on an H100 that
-    is cuDNN's, which ran a 3.3k-token layer's forward + backward in half the varlen flash time. Either way no work is spent on the blocks a block-causal mask would
+    causal kernel on its own. Varlen flash serves rows of one sample too: SDPA would pick cuDNN's
+    kernel on Hopper, twice as fast at a length seen before but paying a plan build at every new
+    length; with lengths that vary from step to step (real data) it made the step 1.4x slower. Either way no work is spent on the blocks a block-causal mask would
     discard. Padded batches and cached decoding fall through to transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("cu_seq_lens_k", None)  # self-attention: the same boundaries as the queries
     kwargs.pop("max_length_k", None)
-    packed = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1
-    one_sample = cu_seq_lens_q is not None and cu_seq_lens_q.shape[0] == 2
-    if not packed or one_sample:  # a lone sample: SDPA's causal kernel (cuDNN on Hopper, 2x flash varlen's speed)
+    if not (attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if cu_seq_lens_q is not None and max_length_q is not None and _flash_fits(query, dropout, scaling):

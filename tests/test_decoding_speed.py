@@ -1,4 +1,4 @@
-"""The fast decode step (`Decoder(variant=fused|matmul|unfused)`): transformers' math with fewer kernels.
+"""The fast decode step (`Decoder(variant=fused|unfused)`): transformers' math with fewer kernels.
 
 On a GPU `decode=auto` uses it; here, in float32 on the tiny model (and a grouped-query copy of
 it), it must give transformers' logits to rounding and exactly the tokens of `model.generate`.
@@ -16,7 +16,7 @@ from llavanext.decoding import Decoder, Sampling, fast_unsupported
 from llavanext.errors import ConfigError
 from llavanext.model import hf_config
 
-FAST = ("fused", "matmul", "unfused")
+FAST = ("fused", "unfused")
 
 
 def tiny(kv_heads: int, attention: str = "sdpa"):
