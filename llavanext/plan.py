@@ -72,11 +72,30 @@ class Plan:
         return sum(self.memory.values())
 
 
+LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_bytes(cfg: DictConfig, tokens: int) -> int:
+    """What LoRA keeps for backward in one decoder layer beyond the layer itself: peft's copy of each
+    adapted layer's input (float32 unless model.lora_autocast; dropout makes one more) and the rank-r
+    product. With dropout 0.05 on the 7B's seven projections this is ~7 GiB at 3.3k tokens."""
+    if cfg.parts.language_model != "lora":
+        return 0
+    text, peft = cfg.model.text, cfg.peft
+    targets = peft.target_modules
+    adapted = [m for m in LM_LINEARS if isinstance(targets, str) or m in targets]  # "all-linear": all seven
+    inputs = sum(text.intermediate_size if m == "down_proj" else text.hidden_size for m in adapted)
+    dropout = peft.get("dropout", 0) > 0
+    copy = (2 if dropout else 0) if cfg.model.get("lora_autocast", False) else (8 if dropout else 4)
+    return tokens * (inputs * copy + 2 * peft.r * len(adapted))
+
+
 def activation_bytes(cfg: DictConfig, checkpointing: bool) -> int:
     """Activations kept for backward by one micro-batch: 16-bit, flash attention (no s^2 term)."""
     text = cfg.model.text
     tokens = cfg.data.micro_batch_size * cfg.data.seq_length
     per_layer = 34 * tokens * text.hidden_size  # bytes, Korthikanti et al. (2022), eq. 1 without attention scores
+    per_layer += lora_bytes(cfg, tokens)
     if checkpointing:  # each layer's input, plus one layer recomputed during backward
         kept = 2 * tokens * text.hidden_size * text.num_hidden_layers + per_layer
     else:
