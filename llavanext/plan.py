@@ -90,24 +90,48 @@ def lora_bytes(cfg: DictConfig, tokens: int) -> int:
     return tokens * (inputs * copy + 2 * peft.r * len(adapted))
 
 
-def activation_bytes(cfg: DictConfig, checkpointing: bool) -> int:
-    """Activations kept for backward by one micro-batch: 16-bit, flash attention (no s^2 term)."""
+def checkpointed_layers(cfg: DictConfig) -> int:
+    """How many decoder layers model.gradient_checkpointing recomputes (auto counts as none until
+    `resolve_checkpointing` has fixed it for the device)."""
+    value = cfg.model.get("gradient_checkpointing", False)
+    if value is True:
+        return cfg.model.text.num_hidden_layers
+    if value in (False, None, "auto"):
+        return 0
+    return min(int(value), cfg.model.text.num_hidden_layers)
+
+
+def activation_bytes(cfg: DictConfig, checkpointed: int) -> int:
+    """Activations kept for backward by one micro-batch with `checkpointed` decoder layers recomputed:
+    16-bit, flash attention (no s^2 term)."""
     text = cfg.model.text
     tokens = cfg.data.micro_batch_size * cfg.data.seq_length
     per_layer = 34 * tokens * text.hidden_size  # bytes, Korthikanti et al. (2022), eq. 1 without attention scores
     per_layer += lora_bytes(cfg, tokens)
-    if checkpointing:  # each layer's input, plus one layer recomputed during backward
-        kept = 2 * tokens * text.hidden_size * text.num_hidden_layers + per_layer
-    else:
-        kept = per_layer * text.num_hidden_layers
+    # a checkpointed layer keeps its input; one of them at a time is recomputed whole during backward
+    kept = (text.num_hidden_layers - checkpointed) * per_layer + checkpointed * 2 * tokens * text.hidden_size
+    kept += per_layer if checkpointed else 0
     logits = tokens * text.vocab_size * (2 + 4 + 4)  # 16-bit logits, float32 for the loss, and its gradient
-    if cfg.parts.vision_tower != "frozen":
+    if cfg.parts.vision_tower != "frozen":  # the tower is never checkpointed (speed.checkpoint_layers)
         vision = cfg.model.vision
         tile = vision.image_size
         tiles = max(h * w for h, w in cfg.model.image_grid_pinpoints) // (tile * tile) + 1
         vision_tokens = cfg.data.micro_batch_size * tiles * (tile // vision.patch_size) ** 2
-        kept += 34 * vision_tokens * vision.hidden_size * (1 if checkpointing else vision.num_hidden_layers)
+        kept += 34 * vision_tokens * vision.hidden_size * vision.num_hidden_layers
     return kept + logits
+
+
+def resolve_checkpointing(cfg: DictConfig, device_bytes: int | None, rows=None, headroom: float = 0.85) -> int:
+    """model.gradient_checkpointing=auto: the fewest decoder layers to recompute so the plan's estimate
+    fits `headroom` of the device's memory (0 off a GPU: nothing to fit); all of them when nothing fits."""
+    layers = cfg.model.text.num_hidden_layers
+    if not device_bytes:
+        return 0
+    rest = make_plan(cfg, rows).memory_total - activation_bytes(cfg, 0)
+    for n in range(layers + 1):
+        if rest + activation_bytes(cfg, n) <= headroom * device_bytes:
+            return n
+    return layers
 
 
 def make_plan(cfg: DictConfig, rows: list[modeling.PartRow] | None = None) -> Plan:
@@ -124,12 +148,11 @@ def make_plan(cfg: DictConfig, rows: list[modeling.PartRow] | None = None) -> Pl
     width = DTYPE_BYTES[torch.bfloat16 if cfg.model.dtype == "auto" else modeling.torch_dtype(cfg.model.dtype)]
     sharded = cfg.strategy.name == "fsdp"
     shards = world if sharded else 1
-    checkpointing = cfg.model.get("gradient_checkpointing", False)
     memory = {
         "weights": total * width // shards,
         "gradients": trainable * width // shards,
         "AdamW moments": 2 * trainable * width // shards,
-        "activations (1 micro-batch)": activation_bytes(cfg, checkpointing),
+        "activations (1 micro-batch)": activation_bytes(cfg, checkpointed_layers(cfg)),
     }
     if sharded:  # one transformer block gathered whole for forward and one prefetched
         text = cfg.model.text

@@ -7,7 +7,8 @@
   attn_implementation  `sdpa_packed`: packed rows attend per sample (one varlen flash call on a GPU,
                        SDPA per sample elsewhere) instead of through a dense block-causal mask
   lora_autocast        LoRA matmuls in the autocast dtype (fp32 adapter weights stay the master copy)
-  gradient_checkpointing  recompute activations of some decoder layers (true: all, N: N of them)
+  gradient_checkpointing  recompute activations of some decoder layers (true: all, N: N of them,
+                       auto: the fewest that fit the GPU by the plan's memory estimate)
   compile              torch.compile each decoder layer (CUDA)
 """
 
@@ -327,7 +328,7 @@ def apply(model: torch.nn.Module, model_cfg: DictConfig) -> list[str]:
     if model_cfg.get("lora_autocast", False) and lora_autocast(model):
         done.append("LoRA matmuls in the autocast dtype")
     ckpt = model_cfg.get("gradient_checkpointing", False)
-    if ckpt:
+    if ckpt and ckpt != "auto":  # auto: the trainer fixes a count for its device before the model is built
         layers = checkpoint_layers(model, ckpt)
         done.append(f"activation checkpointing: {len(layers)} decoder layer(s)")
     if model_cfg.get("compile", False) and torch.cuda.is_available():

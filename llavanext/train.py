@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
 from llavanext import model as modeling
@@ -136,6 +136,7 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = make_trainer(cfg, run_dir)
     zero = trainer.is_global_zero
+    resolve_checkpointing(cfg, trainer.strategy.root_device, zero)
     if zero:
         write_run_files(run_dir, cfg)
         console.print(f"[bold]{cfg.command}[/] model={cfg.model.name} data={cfg.data.name} peft={cfg.peft.method}"
@@ -158,6 +159,23 @@ def train(cfg: DictConfig) -> Path:
     if zero:
         console.print(f"done: {trainer.global_step} steps, checkpoints in {run_dir / CHECKPOINTS}")
     return run_dir
+
+
+def resolve_checkpointing(cfg: DictConfig, device: torch.device, verbose: bool) -> None:
+    """model.gradient_checkpointing=auto becomes a layer count for this device, before anything is built
+    (the run folder's config.yaml records the count)."""
+    if cfg.model.get("gradient_checkpointing") != "auto":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    layers = planning.resolve_checkpointing(cfg, total)
+    with open_dict(cfg):
+        cfg.model.gradient_checkpointing = layers
+    if verbose and total:
+        console.print(f"activation checkpointing (auto): {layers} of {cfg.model.text.num_hidden_layers} decoder "
+                      f"layers, for the plan's estimate to fit 85% of {total / planning.GiB:.0f} GiB on {device}",
+                      highlight=False)
+    elif verbose:
+        console.print(f"activation checkpointing (auto): none on {device} (no GPU memory to fit)", highlight=False)
 
 
 def model_device(trainer: L.Trainer):

@@ -60,7 +60,33 @@ def test_memory_estimate_follows_the_strategy():
     assert 6.5 * 2**30 < dropout_copies < 7.5 * 2**30
     assert lora_act("model.lora_autocast=false") - lora_act("peft.dropout=0") == 4 * dropout_copies  # fp32 + fp32
     checkpointed = planning.make_plan(cfg_of("model=7b", "model.gradient_checkpointing=true"))
+    half = planning.make_plan(cfg_of("model=7b", "model.gradient_checkpointing=16"))
+    assert checkpointed.memory[activations] < half.memory[activations] < ddp.memory[activations]
     assert checkpointed.memory["activations (1 micro-batch)"] < ddp.memory["activations (1 micro-batch)"] / 4
+
+
+def test_auto_checkpointing_recomputes_the_fewest_layers_that_fit():
+    cfg = cfg_of("model=7b", "strategy=fsdp", "executor=local", "executor.devices=2", "data=mock",
+                 "data.micro_batch_size=1")
+    assert cfg.model.gradient_checkpointing == "auto"
+    rows = planning.meta_part_rows(cfg)
+    layers = cfg.model.text.num_hidden_layers
+
+    def total(n):
+        cfg.model.gradient_checkpointing = n
+        return planning.make_plan(cfg, rows).memory_total
+
+    for gib in (40, 80, 141):
+        cfg.model.gradient_checkpointing = "auto"
+        n = planning.resolve_checkpointing(cfg, gib * 2**30, rows)
+        if n < layers:  # fits with n, not with one layer fewer
+            assert total(n) <= 0.85 * gib * 2**30 and (n == 0 or total(n - 1) > 0.85 * gib * 2**30), gib
+    cfg.model.gradient_checkpointing = "auto"
+    assert planning.resolve_checkpointing(cfg, 10 * 2**30, rows) == layers  # nothing fits: recompute all
+    assert planning.resolve_checkpointing(cfg, None, rows) == 0  # off a GPU
+    cfg.model.gradient_checkpointing = "auto"
+    assert 0 < planning.resolve_checkpointing(cfg, 80 * 2**30, rows) < layers  # 2 x 80 GB: some layers
+    assert planning.resolve_checkpointing(cfg, 141 * 2**30, rows) == 0  # 2 x 141 GB: none
 
 
 def test_slurm_dry_run_prints_script_and_plan_and_submits_nothing(tmp_path):
