@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format clean bench
+.PHONY: help install demo test test-fast lint format clean bench bench-fsdp
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,10 @@ demo: install ## stage 1 + stage 2 on the tiny model with the bundled data, then
 
 bench: install ## training speed: plain transformers + peft vs ours on the GPU it finds (docs/benchmarks.md)
 	$(PY) bench/train_bench.py $(BENCH_ARGS)
+
+GPUS ?= 4
+bench-fsdp: install ## full finetune with FSDP2: the plain loop vs ours on GPUS GPUs of this node (docs/benchmarks.md)
+	$(VENV)/bin/torchrun --nproc-per-node $(GPUS) bench/fsdp_bench.py $(BENCH_ARGS)
 
 test: install ## the whole suite (about 10 minutes on 2 cores)
 	$(PY) -m pytest $(PYTEST_ARGS)
