@@ -64,9 +64,11 @@ EXTRAS = [  # (case, row, levers): not in ours; "(no compile)" rows compare with
     ("worst", "ours, LoRA dropout 0", OURS | {"dropout0"}),
     # the noise floor: the baseline against itself (nondeterministic kernels, new dropout masks)
     ("worst", "baseline again", {"again"}),
+    # how much of ours' difference the bf16 LoRA products alone make (no packing, no compile)
+    ("worst", "LoRA under autocast only, dropout 0", {"autocast", "dropout0"}),
 ]
 QUALITY = [("baseline", CHAIN[-1][0]), ("baseline, LoRA dropout 0", "ours, LoRA dropout 0"),
-           ("baseline", "baseline again")]
+           ("baseline", "baseline again"), ("baseline, LoRA dropout 0", "LoRA under autocast only, dropout 0")]
 FLASH_VARLEN = speed.FLASH_VARLEN
 
 
