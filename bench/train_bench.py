@@ -305,6 +305,7 @@ def main(argv=None):
                         help="the compile row compiles (auto: on CUDA only)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rows", default="", help="only these rows, names separated by '|' (default: all)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args(argv)
@@ -352,6 +353,8 @@ def main(argv=None):
         plan += [(case, row) for row in CHAIN[1:-1] if not (case == "worst" and "pack" in row[1])]
     if args.extras:
         plan += [(case, (row, on)) for case, row, on in EXTRAS if case in cases and (case, row, on) not in quality_extras]
+    if args.rows:
+        plan = [(case, row) for case, row in plan if row[0] in args.rows.split("|")]
     micro = {case: spec["micro_batch"][0] for case, spec in cases.items()}
     results = []
     for case, (row, on) in plan:
