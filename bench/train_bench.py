@@ -66,9 +66,11 @@ EXTRAS = [  # (case, row, levers): not in ours; "(no compile)" rows compare with
     ("worst", "baseline again", {"again"}),
     # how much of ours' difference the bf16 LoRA products alone make (no packing, no compile)
     ("worst", "LoRA under autocast only, dropout 0", {"autocast", "dropout0"}),
+    ("worst", "baseline again, LoRA dropout 0", {"again", "dropout0"}),  # no dropout: kernels' noise alone
 ]
 QUALITY = [("baseline", CHAIN[-1][0]), ("baseline, LoRA dropout 0", "ours, LoRA dropout 0"),
-           ("baseline", "baseline again"), ("baseline, LoRA dropout 0", "LoRA under autocast only, dropout 0")]
+           ("baseline", "baseline again"), ("baseline, LoRA dropout 0", "LoRA under autocast only, dropout 0"),
+           ("baseline, LoRA dropout 0", "baseline again, LoRA dropout 0")]
 FLASH_VARLEN = speed.FLASH_VARLEN
 
 
