@@ -28,7 +28,8 @@ from importlib import resources
 import torch
 from omegaconf import OmegaConf
 
-from llavanext.data.encoder import image_token_count, make_image_processor
+from llavanext.data.encoder import image_token_count
+from llavanext.data.images import make_image_processor
 from llavanext.decoding import MODES, VARIANTS, Decoder, Sampling
 from llavanext.model import hf_config
 

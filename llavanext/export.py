@@ -20,7 +20,8 @@ from rich.console import Console
 
 from llavanext import model as modeling
 from llavanext.assemble import from_run
-from llavanext.data.encoder import has_class_token, make_image_processor
+from llavanext.data.encoder import has_class_token
+from llavanext.data.images import make_image_processor
 from llavanext.data.templates import IMAGE, VICUNA_SYSTEM, get_template
 from llavanext.errors import ConfigError
 

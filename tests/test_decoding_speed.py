@@ -37,7 +37,8 @@ def model(request):
 
 def image_prompt(model_cfg, rows: int = 1):
     """`rows` prompts of text and one 2x2-tile image (the same image), row i 5*i tokens shorter."""
-    from llavanext.data.encoder import image_token_count, make_image_processor
+    from llavanext.data.encoder import image_token_count
+    from llavanext.data.images import make_image_processor
 
     side = 2 * model_cfg.vision.image_size
     g = torch.Generator().manual_seed(1)

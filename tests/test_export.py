@@ -120,7 +120,7 @@ def test_exported_processor_and_config_agree_with_the_run(tmp_path):
     assert processor.patch_size == config.vision_config.patch_size and processor.num_additional_image_tokens == 1
     assert config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>") == 4
     # the tiles are the ones our encoder trains on (padding tiles beyond them are ignored by the model)
-    from llavanext.data.encoder import make_image_processor
+    from llavanext.data.images import make_image_processor
 
     ours = make_image_processor(model_cfg)([images()[0]], return_tensors="pt")["pixel_values"][0]
     assert torch.allclose(inputs["pixel_values"][0, : ours.shape[0]], ours, atol=1e-6)

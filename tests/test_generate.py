@@ -134,7 +134,7 @@ def hf_folder(tmp_path, built, with_template=True):
     from tokenizers.processors import TemplateProcessing
     from transformers import LlavaNextProcessor
 
-    from llavanext.data.encoder import make_image_processor
+    from llavanext.data.images import make_image_processor
     from llavanext.demo.tokenizer import load_demo_tokenizer
 
     tokenizer = load_demo_tokenizer()  # with a BOS on every text, like Llama's

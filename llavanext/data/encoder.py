@@ -13,34 +13,16 @@ the bad-sample counters of the datamodule).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from llavanext.data.images import ImageProcessor, select_best_resolution
 from llavanext.data.templates import IMAGE, Template
 from llavanext.errors import DataError
 
 IGNORE = -100
-# transformers' CLIP normalisation (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def select_best_resolution(original_size, possible_resolutions):
-    """transformers' choice of the pinpoint that keeps the most pixels and wastes the fewest."""
-    original_height, original_width = original_size
-    best_fit, max_effective, min_wasted = None, 0, float("inf")
-    for height, width in possible_resolutions:
-        scale = min(width / original_width, height / original_height)
-        down_w, down_h = int(original_width * scale), int(original_height * scale)
-        effective = min(down_w * down_h, original_width * original_height)
-        wasted = width * height - effective
-        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
-            max_effective, min_wasted, best_fit = effective, wasted, (height, width)
-    return best_fit
 
 
 def has_class_token(model_cfg: DictConfig) -> bool:
@@ -70,60 +52,6 @@ def tile_count(height: int, width: int, model_cfg: DictConfig) -> int:
     tile = model_cfg.vision.image_size
     best_h, best_w = select_best_resolution((height, width), model_cfg.image_grid_pinpoints)
     return 1 + (best_h // tile) * (best_w // tile)
-
-
-def make_image_processor(model_cfg: DictConfig):
-    """transformers' own LLaVA-NeXT image processor for this model's tile size and pinpoints (the reference)."""
-    try:  # transformers >= 5 names the torchvision-free backend explicitly
-        from transformers import LlavaNextImageProcessorPil as Processor
-    except ImportError:
-        from transformers import LlavaNextImageProcessor as Processor
-    tile = model_cfg.vision.image_size
-    return Processor(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-                     image_grid_pinpoints=[list(p) for p in model_cfg.image_grid_pinpoints], do_pad=False)
-
-
-class ImageProcessor:
-    """transformers' LLaVA-NeXT preprocessing, bit for bit, without its detours.
-
-    Same steps as `LlavaNextImageProcessorPil`: resize (bicubic, aspect kept) into the best
-    pinpoint, pad centred with black, cut into tiles, prepend the whole image squashed to one
-    tile, rescale by 1/255 and normalise with CLIP's mean/std. The resizes are the same PIL
-    calls; the float steps give the same float32 values (x/255 in float32 equals transformers'
-    float64 rescale rounded to float32 for all 256 byte values, checked below; the normalise is
-    the same float32 subtract and divide), so the output is identical, not close.
-    What it skips: numpy<->PIL round trips, a no-op resize and crop of every tile, float64 passes.
-    """
-
-    def __init__(self, model_cfg: DictConfig):
-        self.tile = model_cfg.vision.image_size
-        self.pinpoints = [tuple(p) for p in model_cfg.image_grid_pinpoints]
-        self.mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-        reference = (np.arange(256).astype(np.float64) * (1 / 255)).astype(np.float32)  # transformers' rescale
-        assert np.array_equal(reference, (torch.arange(256, dtype=torch.float32) / 255).numpy())
-
-    def __call__(self, image) -> torch.Tensor:
-        """(tiles, 3, tile, tile) float32 for one PIL image."""
-        from PIL import Image
-
-        image = image.convert("RGB")
-        tile = self.tile
-        best_h, best_w = select_best_resolution((image.height, image.width), self.pinpoints)
-        scale_w, scale_h = best_w / image.width, best_h / image.height
-        if scale_w < scale_h:
-            new_w, new_h = best_w, min(math.ceil(image.height * scale_w), best_h)
-        else:
-            new_w, new_h = min(math.ceil(image.width * scale_h), best_w), best_h
-        canvas = Image.new("RGB", (best_w, best_h))
-        canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC),
-                     ((best_w - new_w) // 2, (best_h - new_h) // 2))
-        base = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))
-        grid = np.asarray(canvas)  # (H, W, 3) -> tiles in row-major order
-        rows, cols = best_h // tile, best_w // tile
-        tiles = grid.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, tile, tile)
-        pixels = np.concatenate([base.transpose(2, 0, 1)[None], tiles])  # uint8 (tiles, 3, tile, tile)
-        return torch.from_numpy(pixels).float().div_(255).sub_(self.mean).div_(self.std)
 
 
 @dataclass

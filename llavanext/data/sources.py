@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from llavanext.data.encoder import IGNORE, Encoded, TaskEncoder, image_token_count, select_best_resolution
+from llavanext.data.encoder import IGNORE, Encoded, TaskEncoder, image_token_count
+from llavanext.data.images import select_best_resolution
 from llavanext.errors import DataError
 
 BAD = "__bad__"  # a record that failed before encoding (unreadable line): its reason
