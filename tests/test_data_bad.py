@@ -133,3 +133,24 @@ def test_data_check_exits_non_zero_over_the_limit(bad_set):
     assert done.returncode == 1, done.stderr[-2000:]
     assert "8 of 16 records are bad" in done.stderr
     assert "missing-image" in done.stdout
+
+
+def test_energon_reports_the_same_reasons_as_json(bad_set):
+    """Through `data prepare` and energon's loader: records with missing or unreadable images are left out by
+    prepare (and listed); every other bad kind reaches training and is skipped with the JSON source's reason."""
+    pytest.importorskip("megatron.energon")
+    from llavanext.data.energon import energon_loader
+    from llavanext.data.prepare import energon_prepare, write_shards
+
+    out = bad_set / "wds"
+    _, left_out = write_shards(read_records(bad_set / "data.json"), bad_set, out, shard_size=4, val_fraction=0.0)
+    assert {rid for rid, _ in left_out} == {"missing-image", "corrupt-image"}
+    energon_prepare(out, ["train"])
+    cfg = OmegaConf.create(dict(path=str(out), num_workers=0, micro_batch_size=1, shuffle_buffer_size=None,
+                                max_samples_per_sequence=None, repeat=True))
+    # a skipped record is reported with the next batch, so read on into the second pass (as training does)
+    loader = iter(energon_loader(cfg, encoder(seq_length=80), lambda s: s, "train"))
+    reported = [line for _ in range(2 * len(GOOD) * 2) for sample in next(loader) for line in sample.bad]
+    expected = {rid: reason for rid, (_, reason) in BAD.items() if rid not in ("missing-image", "corrupt-image")}
+    for rid, reason in expected.items():
+        assert any(f"record '{rid}'" in line and reason in line for line in reported), (rid, reported)

@@ -47,18 +47,25 @@ class ConversationSample(Sample):
     id: str
     conversations: list
     images: list  # [(name, bytes)] in <image> marker order
+    problem: str | None = None  # why the .json member could not be read
 
 
 @stateless
 def cook_conversation(crude: dict) -> ConversationSample:
     key = crude.get("__key__", "?")
-    try:
-        meta = json.loads(crude["json"])
-    except (KeyError, ValueError) as e:
-        meta = {"id": key, "conversations": None, "images": [], "__bad__": f"no readable .json ({e})"}
+    problem = None
+    try:  # bytes that are not UTF-8 are kept, as every other source does: the encoder reports that record
+        raw = crude["json"]
+        meta = json.loads(raw.decode("utf-8", errors="surrogateescape") if isinstance(raw, bytes) else raw)
+    except KeyError:
+        meta, problem = {}, "no .json member"
+    except ValueError as e:
+        meta, problem = {}, f"unreadable .json ({e})"
+    if not isinstance(meta, dict):
+        meta, problem = {}, f"the .json member is a {type(meta).__name__}, not a record"
     images = [(name, crude.get(name)) for name in meta.get("images", [])]
     return ConversationSample(**basic_sample_keys(crude), id=str(meta.get("id", key)),
-                              conversations=meta.get("conversations"), images=images)
+                              conversations=meta.get("conversations"), images=images, problem=problem)
 
 
 class EnergonEncoder(DefaultTaskEncoder):
@@ -78,8 +85,8 @@ class EnergonEncoder(DefaultTaskEncoder):
     def encode_sample(self, sample: ConversationSample) -> Encoded:
         where = f"{self.source} record {sample.id!r} ({sample.__key__})"
         try:
-            if sample.conversations is None:
-                raise DataError("no readable .json member")
+            if sample.problem:
+                raise DataError(sample.problem)
             images = []
             for name, data in sample.images:
                 if data is None:
