@@ -96,23 +96,6 @@ class FullFlops(train_bench.Flops):
         return float(lm + attention + vision + projector)
 
 
-class AssistantLoss(torch.nn.Module):
-    """The assistant-only fused loss as the FSDP root's forward.
-
-    The fused loss reads `lm_head.weight` itself instead of calling the head; FSDP2 gathers the root
-    group's weights (embeddings, LM head, projector) only inside the root module's forward, and
-    reduces their gradients after the root's backward. With this module as the root, both happen
-    around the whole loss; parameter names gain a `model.` prefix, nothing else changes.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **batch):
-        return speed.assistant_loss(self.model, batch)
-
-
 # --- distributed set-up ------------------------------------------------------------------------
 
 class Dist:
@@ -172,7 +155,7 @@ def snapshot_initial(model_cfg, d: Dist, seed: int) -> dict:
 
 
 def build_row(model_cfg, state: dict, on: set, d: Dist, args):
-    """A fresh sharded model with this row's levers, filled from the snapshot; returns (root, hf)."""
+    """A fresh sharded model with this row's levers, filled from the snapshot."""
     from torch.distributed.tensor import DTensor
 
     with torch.device("meta"):
@@ -186,16 +169,15 @@ def build_row(model_cfg, state: dict, on: set, d: Dist, args):
     ckpt = layers if "ckpt_all" in on else args.ckpt_layers if "ckpt" in on else 0
     if ckpt:
         speed.checkpoint_layers(hf, ckpt)
-    root = AssistantLoss(hf) if "fused" in on else hf
-    shard_blocks(root, d.mesh, reshard_after_forward=args.reshard_after_forward and "keep" not in on,
+    shard_blocks(hf, d.mesh, reshard_after_forward=args.reshard_after_forward and "keep" not in on,
                  bf16=d.device.type == "cuda")
-    root.to_empty(device=d.device)
+    hf.to_empty(device=d.device)
     with torch.no_grad():
         for name, t in [*hf.named_parameters(), *hf.named_buffers()]:
             (t.to_local() if isinstance(t, DTensor) else t).copy_(state[name])
     if "compile" in on:  # each block in place; dynamo leaves FSDP2's hooks out of the graphs (they run eagerly)
         speed.compile_decoder_layers(hf)
-    return root, hf
+    return hf
 
 
 # --- one row -----------------------------------------------------------------------------------
@@ -213,9 +195,9 @@ def loader(case, model_cfg, packed, micro_batch, steps, d: Dist, workers):
 
 def run_row(model_cfg, state, on, case, micro_batch, d: Dist, args) -> list[dict]:
     """Train args.steps steps of a fresh model; this rank's per-step records."""
-    root, hf = build_row(model_cfg, state, on, d, args)
+    model = build_row(model_cfg, state, on, d, args)
     cuda = d.device.type == "cuda"
-    params = [p for p in root.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
     batches = loader(case, model_cfg, "pack" in on, micro_batch, args.steps, d, args.workers)
     if cuda:
@@ -230,11 +212,11 @@ def run_row(model_cfg, state, on, case, micro_batch, d: Dist, args) -> list[dict
             batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
         begin = time.perf_counter()
         if not on:
-            loss = root(**batch).loss  # the plain loop
-        elif "fused" in on:
-            loss = root(**batch)
+            loss = model(**batch).loss  # the plain loop
+        elif "fused" in on:  # as the CLI: a forward of the FSDP root (strategies.shard_blocks registers it)
+            loss = speed.assistant_loss(model, batch)
         else:
-            loss = root(**batch, use_cache=False).loss
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

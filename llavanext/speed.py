@@ -135,7 +135,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def assistant_loss(model: torch.nn.Module, batch: dict, chunk: int = 4096) -> torch.Tensor:
     """transformers' loss (shifted, mean over labelled tokens), with only labelled positions
-    going through the LM head."""
+    going through the LM head. On an FSDP2 root it runs as one of the root's forwards (below)."""
+    sharded = model.__dict__.get(SHARDED_LOSS)
+    return sharded(batch, chunk) if sharded else _assistant_loss(model, batch, chunk)
+
+
+def _assistant_loss(model: torch.nn.Module, batch: dict, chunk: int) -> torch.Tensor:
     hf = unwrap(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = hf.model(**inputs, **packed_inputs(model, batch), use_cache=False).last_hidden_state
@@ -145,6 +150,21 @@ def assistant_loss(model: torch.nn.Module, batch: dict, chunk: int = 4096) -> to
     targets = labels[:, 1:][keep]
     head = hf.lm_head.weight
     return linear_cross_entropy(rows, head, targets, chunk)
+
+
+SHARDED_LOSS = "llavanext_assistant_loss"
+
+
+def shard_assistant_loss(root: torch.nn.Module) -> None:
+    """Let `assistant_loss` run on an FSDP2 root. The loss reads `lm_head.weight` itself instead of
+    calling the root's forward, and FSDP2 gathers the root's own weights (embeddings, LM head,
+    projector) and reduces their gradients only around a forward: registered as one, it gets both."""
+    import functools
+
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(root, SHARDED_LOSS, functools.partial(_assistant_loss, root))
+    register_fsdp_forward_method(root, SHARDED_LOSS)
 
 
 # --- attention for packed rows ---------------------------------------------------------------

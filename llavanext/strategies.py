@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 
+from llavanext import speed
 from llavanext.checkpointing import TMP, fsync_dir
 from llavanext.errors import ConfigError
 from llavanext.plan import world_size
@@ -35,6 +36,7 @@ def shard_blocks(model: torch.nn.Module, mesh, *, reshard_after_forward: bool, b
     for block in [m for m in model.modules() if transformer_block(m)]:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    speed.shard_assistant_loss(model)
 
 
 def make_strategy(cfg: DictConfig, precision: str):

@@ -151,10 +151,8 @@ def train(cfg: DictConfig) -> Path:
 
     data = DataModule(cfg.data, cfg.model, built.tokenizer, cfg.template, built.image_token_id, built.vocab_size,
                       seed=cfg.seed)
-    # FSDP2 gathers the root's weights (embeddings, LM head) only in the root module's forward,
-    # which the fused loss bypasses: sharded runs take transformers' loss
-    chunk = speed.loss_chunk(cfg.model) if cfg.strategy.name != "fsdp" else None
-    module = LlavaNextModule(built.model, cfg.optim, cfg.trainer.max_steps, warmup_steps(cfg), loss_chunk=chunk)
+    module = LlavaNextModule(built.model, cfg.optim, cfg.trainer.max_steps, warmup_steps(cfg),
+                             loss_chunk=speed.loss_chunk(cfg.model))
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, run_dir))
     if zero:
         console.print(f"done: {trainer.global_step} steps, checkpoints in {run_dir / CHECKPOINTS}")
