@@ -206,3 +206,10 @@ def test_truncation_cuts_text_never_an_image():
     assert sample.truncated and len(sample.input_ids) == 120
     assert int((sample.input_ids == enc.image_token_id).sum()) == image_token_count(56, 56, enc.model_cfg)
     assert (sample.labels != IGNORE).any()
+
+
+def test_an_unknown_resizer_is_refused_by_name():
+    from llavanext.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.image_resize='lanczos'; choose from torch, pil"):
+        ImageProcessor(OmegaConf.merge(model_cfg(), {"image_resize": "lanczos"}))
