@@ -11,7 +11,7 @@ tile, rescale by 1/255 and normalise with CLIP's mean/std. `model.image_resize` 
 - `pil`: the same Pillow calls as `LlavaNextImageProcessorPil`: bit-identical output.
 
 Why the pass order matters: both libraries resize one axis, round to uint8, then the other.
-Rounding and clipping between the passes make the two orders differ by up to 26/255 on noise;
+Rounding and clipping between the passes make the two orders differ by up to 27/255 on noise;
 in the same order torch and Pillow agree within 1/255 a pass.
 """
 
