@@ -7,7 +7,7 @@ tile, rescale by 1/255 and normalise with CLIP's mean/std. `model.image_resize` 
 - `torch` (default): torch's antialiased bicubic on uint8, the kernel transformers' torchvision
   backend calls, with its two passes run in the order Pillow runs them. Stated tolerance: every
   pixel within 2/255 of `LlavaNextImageProcessorPil` before normalisation (99% of them equal;
-  tested on noise, the worst case). 4.8-6.1x transformers' speed per core (bench/image_bench.py).
+  tested on noise, the worst case). About 5.7x transformers' speed per core (bench/image_bench.py).
 - `pil`: the same Pillow calls as `LlavaNextImageProcessorPil`: bit-identical output.
 
 Why the pass order matters: both libraries resize one axis, round to uint8, then the other.
