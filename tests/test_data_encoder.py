@@ -213,3 +213,12 @@ def test_an_unknown_resizer_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"model.image_resize='lanczos'; choose from torch, pil"):
         ImageProcessor(OmegaConf.merge(model_cfg(), {"image_resize": "lanczos"}))
+
+
+def test_a_run_config_from_before_image_resize_keeps_pillow():
+    """Run folders written before model.image_resize existed were trained on Pillow's pixels: generate keeps them."""
+    cfg = model_cfg()
+    del cfg["image_resize"]
+    OmegaConf.set_struct(cfg, True)
+    assert ImageProcessor(cfg).resizer == "pil"
+    assert ImageProcessor(model_cfg()).resizer == "torch"
