@@ -75,19 +75,46 @@ class Plan:
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def lora_bytes(cfg: DictConfig, tokens: int) -> int:
-    """What LoRA keeps for backward in one decoder layer beyond the layer itself: peft's copy of each
-    adapted layer's input (float32 unless model.lora_autocast; dropout makes one more) and the rank-r
-    product. With dropout 0.05 on the 7B's seven projections this is ~7 GiB at 3.3k tokens."""
-    if cfg.parts.language_model != "lora":
-        return 0
-    text, peft = cfg.model.text, cfg.peft
-    targets = peft.target_modules
-    adapted = [m for m in LM_LINEARS if isinstance(targets, str) or m in targets]  # "all-linear": all seven
-    inputs = sum(text.intermediate_size if m == "down_proj" else text.hidden_size for m in adapted)
-    dropout = peft.get("dropout", 0) > 0
-    copy = (2 if dropout else 0) if cfg.model.get("lora_autocast", False) else (8 if dropout else 4)
-    return tokens * (inputs * copy + 2 * peft.r * len(adapted))
+def residual_bytes(cfg: DictConfig) -> int:
+    """Bytes per element of the decoder's residual stream in training on a GPU (precision auto is
+    bf16-mixed there): float32 master weights keep a float32 stream under autocast, FSDP2 gathers the
+    weights in bf16, `*-true` precisions compute in the weights' own width."""
+    precision = str(cfg.trainer.get("precision", "auto"))
+    if precision.startswith("32") or precision == "64":
+        return 4
+    if precision.endswith("-true") or cfg.strategy.name == "fsdp" or cfg.model.dtype == "auto":
+        return 2
+    return DTYPE_BYTES[modeling.torch_dtype(cfg.model.dtype)]
+
+
+def layer_bytes(cfg: DictConfig, tokens: int) -> tuple[int, int]:
+    """What one decoder layer keeps for backward over `tokens` tokens: (activations, weight copies).
+
+    Fitted to what autograd saves on an H100 under bf16 autocast with packed varlen attention
+    (`bench/activation_probe.py`, 7b, 13b and mistral_7b, full and LoRA; docs/benchmarks.md): the
+    formula is within 0-5% above every measurement. Per token, a full layer keeps 31.5 bytes per hidden
+    unit (42.5 with a float32 residual stream) and 6 per MLP unit. LoRA's frozen layers keep 4 fewer per
+    hidden unit, and peft's dropout a 16-bit copy of each adapted layer's input; with float32 weights the
+    two come out even. Float32 weights are also cast to 16 bits once per layer for the matmuls, and
+    those copies live until backward.
+    """
+    text = cfg.model.text
+    h, i = text.hidden_size, text.intermediate_size
+    precision = str(cfg.trainer.get("precision", "auto"))
+    residual = residual_bytes(cfg)
+    per_token = (42.5 if residual == 4 else 31.5) * h + 6 * i
+    if cfg.parts.language_model == "lora" and residual == 2:
+        peft = cfg.peft
+        targets = peft.target_modules
+        adapted = [m for m in LM_LINEARS if isinstance(targets, str) or m in targets]  # "all-linear": all seven
+        inputs = sum(i if m == "down_proj" else h for m in adapted)
+        per_token += -4 * h + (2 * inputs if peft.get("dropout", 0) > 0 else 0) + 2 * peft.r * len(adapted)
+    autocast = precision == "auto" or precision.endswith("-mixed")
+    if not autocast and residual == 4:
+        per_token *= 2  # no autocast at all: every kept tensor is float32, not only the residual stream
+    weights = 4 * h * h + 3 * h * i  # q, k, v, o at full width (an upper bound under GQA) and the MLP
+    copies = 2 * weights if autocast and residual == 4 else 0
+    return int(per_token * tokens), copies
 
 
 def checkpointed_layers(cfg: DictConfig) -> int:
@@ -102,15 +129,14 @@ def checkpointed_layers(cfg: DictConfig) -> int:
 
 
 def activation_bytes(cfg: DictConfig, checkpointed: int) -> int:
-    """Activations kept for backward by one micro-batch with `checkpointed` decoder layers recomputed:
-    16-bit, flash attention (no s^2 term)."""
+    """Activations kept for backward by one micro-batch with `checkpointed` decoder layers recomputed."""
     text = cfg.model.text
     tokens = cfg.data.micro_batch_size * cfg.data.seq_length
-    per_layer = 34 * tokens * text.hidden_size  # bytes, Korthikanti et al. (2022), eq. 1 without attention scores
-    per_layer += lora_bytes(cfg, tokens)
+    activations, copies = layer_bytes(cfg, tokens)
+    per_layer = activations + copies
     # a checkpointed layer keeps its input; one of them at a time is recomputed whole during backward
-    kept = (text.num_hidden_layers - checkpointed) * per_layer + checkpointed * 2 * tokens * text.hidden_size
-    kept += per_layer if checkpointed else 0
+    kept = (text.num_hidden_layers - checkpointed) * per_layer
+    kept += checkpointed * residual_bytes(cfg) * tokens * text.hidden_size + (per_layer if checkpointed else 0)
     logits = tokens * text.vocab_size * (2 + 4 + 4)  # 16-bit logits, float32 for the loss, and its gradient
     if cfg.parts.vision_tower != "frozen":  # the tower is never checkpointed (speed.checkpoint_layers)
         vision = cfg.model.vision
@@ -154,10 +180,10 @@ def make_plan(cfg: DictConfig, rows: list[modeling.PartRow] | None = None) -> Pl
         "AdamW moments": 2 * trainable * width // shards,
         "activations (1 micro-batch)": activation_bytes(cfg, checkpointed_layers(cfg)),
     }
-    if sharded:  # one transformer block gathered whole for forward and one prefetched
+    if sharded:  # one transformer block gathered whole for forward and one prefetched, in bf16 on a GPU
         text = cfg.model.text
         block = 4 * text.hidden_size**2 + 3 * text.hidden_size * text.intermediate_size
-        memory["FSDP gathered blocks"] = 2 * block * width
+        memory["FSDP gathered blocks"] = 2 * block * residual_bytes(cfg)
     return Plan(executor=ex.name, strategy=cfg.strategy.name, nodes=ex.nodes, devices=ex.devices, world=world,
                 micro_batch=micro, accumulation=accumulation, global_batch=global_batch,
                 steps=cfg.trainer.max_steps, warmup=warmup_steps(cfg),
